@@ -1,0 +1,253 @@
+"""The ``pem`` command: a thin layer over :class:`registry.Registry`.
+
+Each command parses its options, calls one API method and prints the result (a table, or
+the API's pydantic models as JSON with ``--json``). Errors the registry raises on purpose
+(:class:`registry.errors.PemError`) print as one line, without a traceback.
+Nothing here imports torch: commands that touch tensors import it inside the API call.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable, Iterable
+
+import click
+
+from registry.errors import PemError
+
+HOME_HELP = "Registry home folder (default: $PEM_HOME, else ~/.pem)."
+
+
+class PemGroup(click.Group):
+    """Turns PemError into ``error: <message>`` on stderr and the error's exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PemError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+def home_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every command takes --home (it also reads PEM_HOME)."""
+    return click.option("--home", type=click.Path(file_okay=False), default=None, help=HOME_HELP)(fn)
+
+
+def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README).")(fn)
+
+
+def with_registry(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Open the registry named by --home and pass it as the first argument."""
+
+    @home_option
+    @functools.wraps(fn)
+    def wrapper(home: str | None, **kwargs: Any) -> Any:
+        from registry import Registry
+
+        registry = Registry.open(home)
+        try:
+            return fn(registry, **kwargs)
+        finally:
+            registry.close()
+
+    return wrapper
+
+
+def echo_json(value: Any) -> None:
+    """Print a pydantic model, or a list of them, as JSON."""
+    if isinstance(value, list):
+        click.echo(json.dumps([item.model_dump(mode="json") for item in value], indent=2))
+    else:
+        click.echo(value.model_dump_json(indent=2))
+
+
+def _console():
+    from rich.console import Console
+
+    # Wide when piped, so that tables are not folded into unreadable columns.
+    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+@click.group(cls=PemGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pem-registry", prog_name="pem")
+def pem() -> None:
+    """pem-registry: keep, compose and publish parameter-efficient modules (PEFT adapters)."""
+
+
+# --- database ---------------------------------------------------------------------------------
+
+
+@pem.command()
+@home_option
+def init(home: str | None) -> None:
+    """Create the registry (database and blob store), or upgrade its schema."""
+    from registry import Registry
+
+    registry = Registry.init(home)
+    click.echo(f"registry ready: {registry.settings.home} (database {registry.engine.url.render_as_string()})")
+    registry.close()
+
+
+@pem.group(cls=PemGroup)
+def db() -> None:
+    """Database schema: current revision and upgrades."""
+
+
+@db.command("upgrade")
+@home_option
+def db_upgrade(home: str | None) -> None:
+    """Upgrade the database schema to this version of pem (same as `pem init`)."""
+    from registry import Registry
+
+    Registry.init(home).close()
+    click.echo("database schema is up to date")
+
+
+@db.command("current")
+@home_option
+def db_current(home: str | None) -> None:
+    """Print the database's schema revision and the one this pem expects."""
+    from registry.config import Settings
+    from registry.db.engine import SCHEMA_HEAD, current_revision, make_engine
+
+    revision = current_revision(make_engine(Settings.resolve(home).database_url))
+    click.echo(f"current: {revision or 'none (run `pem init`)'}\nexpected: {SCHEMA_HEAD}")
+
+
+# --- catalog ----------------------------------------------------------------------------------
+
+
+def _tags_from_options(values: Iterable[str]) -> dict[str, str]:
+    from registry.api import parse_tag
+
+    return dict(parse_tag(v) for v in values)
+
+
+@pem.command()
+@click.argument("path", type=click.Path())
+@click.option("--name", required=True, help="NS/NAME to register it as.")
+@click.option("--task", help="The task it was trained for (free text, e.g. sentiment).")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A tag; repeatable.")
+@click.option("--base-model", help="Base model id (overrides adapter_config.json).")
+@click.option("--base-revision", help="Base model revision (overrides adapter_config.json).")
+@click.option("--description", help="A sentence on what it is.")
+@json_option
+@with_registry
+def add(registry: Any, path: str, name: str, tags: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Register the PEFT adapter folder PATH."""
+    info = registry.add(path, name, tags=_tags_from_options(tags), **options)
+    if as_json:
+        echo_json(info)
+    elif info.created:
+        click.echo(f"registered {info.ref}  sha256:{info.digest[:12]}  {info.peft_type}  {human_size(info.size_bytes)}")
+    else:
+        click.echo(f"already registered as {info.ref} (same tensors and config)")
+
+
+@pem.command("list")
+@click.option("--base-model", help="Only modules for this base model id.")
+@click.option("--peft-type", help="LORA, IA3, ... (case-insensitive).")
+@click.option("--task", help="Only modules for this task.")
+@click.option("--rank", type=int, help="Only LoRA modules of this rank.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only modules with this tag; repeatable.")
+@click.option("--kind", type=click.Choice(["trained", "derived", "ported", "pulled"]), help="Only this kind.")
+@click.option("--latest", is_flag=True, help="Only the latest version of each name.")
+@json_option
+@with_registry
+def list_(registry: Any, tags: tuple[str, ...], as_json: bool, **filters: Any) -> None:
+    """List registered modules, filtered."""
+    modules = registry.list(tags=_tags_from_options(tags), **filters)
+    if as_json:
+        echo_json(modules)
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("MODULE", "KIND", "TYPE", "BASE MODEL", "TASK", "RANK", "DTYPE", "SIZE", "DIGEST", "TAGS"):
+        table.add_column(column)
+    for m in modules:
+        table.add_row(
+            m.ref, m.kind, m.peft_type, m.base_model, m.task or "", str(m.rank or ""), m.dtype,
+            human_size(m.size_bytes), m.digest[:12], " ".join(f"{k}={v}" for k, v in m.tags.items()),
+        )
+    _console().print(table) if modules else click.echo("no modules match")
+
+
+@pem.command()
+@click.argument("ref")
+@json_option
+@with_registry
+def show(registry: Any, ref: str, as_json: bool) -> None:
+    """Show one module: metadata, layers, provenance."""
+    details = registry.get(ref)
+    if as_json:
+        echo_json(details)
+        return
+    rows = [
+        ("module", details.ref),
+        ("kind", details.kind),
+        ("digest", f"sha256:{details.digest}"),
+        ("peft type", details.peft_type + ("" if details.composable else f" (not composable: {', '.join(details.unsupported)})")),
+        ("base model", details.base_model + (f" @ {details.base_revision}" if details.base_revision else "")),
+        ("task", details.task or "-"),
+        ("rank / alpha", f"{details.rank} / {details.lora_alpha:g}" + (" (rsLoRA)" if details.use_rslora else "") if details.rank else "-"),
+        ("target modules", ", ".join(details.target_modules) or "-"),
+        ("layers", str(len(details.layers))),
+        ("dtype", details.dtype),
+        ("parameters", f"{details.num_parameters:,}"),
+        ("size", human_size(details.size_bytes)),
+        ("tags", " ".join(f"{k}={v}" for k, v in details.tags.items()) or "-"),
+        ("owner", details.owner),
+        ("created", details.created_at.isoformat(timespec="seconds")),
+    ]
+    if details.description:
+        rows.append(("description", details.description))
+    if details.provenance:
+        p = details.provenance
+        rows.append(("expression", p.canonical))
+        rows.append(("method", p.method + "".join(f" {k}={v}" for k, v in p.parameters.items())))
+        for item in p.inputs:
+            rows.append(("input", f"{item.ref}  b={item.b:g}  a={item.a:g}  sha256:{item.digest[:12]}"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@pem.command()
+@click.argument("ref")
+@click.argument("directory", type=click.Path(file_okay=False))
+@with_registry
+def export(registry: Any, ref: str, directory: str) -> None:
+    """Write REF as a PEFT adapter folder DIRECTORY (new or empty)."""
+    target = registry.export(ref, directory)
+    click.echo(f"exported {registry.resolve(ref).ref} to {target}")
+
+
+@pem.command()
+@click.argument("ref")
+@with_registry
+def rm(registry: Any, ref: str) -> None:
+    """Remove a module version (refused while modules derived from it exist)."""
+    info = registry.remove(ref)
+    click.echo(f"removed {info.ref}")
+
+
+def main() -> None:
+    pem(prog_name="pem")
+
+
+if __name__ == "__main__":
+    main()

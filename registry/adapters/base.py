@@ -1,0 +1,117 @@
+"""What every PEFT type provides to the catalog: metadata read from config and header.
+
+Each type lives in its own module beside this one (``lora``, ``ia3``, ``other``): what is
+specific to it (how tensors are named, what rank means, which flags exist) is written once,
+there. The composition engine asks the same objects for their arithmetic.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from registry.errors import InvalidAdapterError
+from registry.safetensors_io import FLOAT_DTYPES, SafetensorsHeader
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class AdapterMetadata:
+    """What the catalog records about an adapter, read without loading tensor data."""
+
+    peft_type: str
+    composable: bool
+    base_model: str | None
+    base_revision: str | None
+    task_type: str | None
+    rank: int | None
+    lora_alpha: float | None
+    use_rslora: bool
+    use_dora: bool
+    target_modules: list[str]
+    # layer name (as in the weights file, without the parameter suffix) -> description:
+    # {"params": {param: shape}, ...type-specific keys (rank, alpha, scaling, feedforward)}
+    layers: dict[str, dict[str, Any]]
+    dtype: str
+    num_parameters: int
+    # Features whose arithmetic the registry does not define: composition refuses them by name.
+    unsupported: list[str] = field(default_factory=list)
+
+
+class AdapterType:
+    """Base class of the per-type adapters. Subclasses set ``peft_type`` and implement ``describe``."""
+
+    peft_type: str = ""
+    composable: bool = False
+
+    def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
+        raise NotImplementedError
+
+
+# --- helpers shared by the types --------------------------------------------------------------
+
+
+def common_dtype(header: SafetensorsHeader) -> str:
+    dtypes = sorted({t.dtype for t in header.tensors.values()})
+    if not dtypes:
+        raise InvalidAdapterError(f"{header.path} holds no tensors")
+    return dtypes[0] if len(dtypes) == 1 else "mixed:" + ",".join(dtypes)
+
+
+def require_float(header: SafetensorsHeader) -> None:
+    for info in header.tensors.values():
+        if info.dtype not in FLOAT_DTYPES:
+            raise InvalidAdapterError(
+                f"{header.path}: tensor {info.name!r} has dtype {info.dtype}; adapter weights must be floating point"
+            )
+
+
+def target_modules_list(config: dict[str, Any]) -> list[str]:
+    value = config.get("target_modules")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return sorted(value)
+    raise InvalidAdapterError(f"adapter_config.json: target_modules must be a string or a list of strings, got {value!r}")
+
+
+def split_tensor_names(header: SafetensorsHeader, suffixes: dict[str, str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Group tensor names into layers. ``suffixes`` maps a name ending (``.lora_A.weight``) to
+    the parameter it holds (``lora_A``). Returns ``{layer: {param: tensor name}}`` and the
+    names that match no suffix (extras such as modules_to_save weights)."""
+    layers: dict[str, dict[str, str]] = {}
+    extras: list[str] = []
+    for name in sorted(header.tensors):
+        for suffix, param in suffixes.items():
+            if name.endswith(suffix):
+                layers.setdefault(name[: -len(suffix)], {})[param] = name
+                break
+        else:
+            extras.append(name)
+    return layers, extras
+
+
+def module_key(layer: str) -> str:
+    """The layer's module name inside the base model, the key PEFT's patterns match against."""
+    return layer[len(PEFT_PREFIX):] if layer.startswith(PEFT_PREFIX) else layer
+
+
+def pattern_value(patterns: dict[str, Any], layer: str, default: Any) -> Any:
+    """PEFT's rule for ``rank_pattern`` / ``alpha_pattern``: the first key that matches the end
+    of the module name (``(.*\\.)?KEY$``) wins."""
+    key = module_key(layer)
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def positive_int(config: dict[str, Any], field_name: str) -> int:
+    value = config.get(field_name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidAdapterError(f"adapter_config.json: {field_name} must be a positive integer, got {value!r}")
+    return value

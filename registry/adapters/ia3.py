@@ -1,0 +1,66 @@
+"""(IA)^3: per adapted layer a vector ``l`` that multiplies activations (or, for
+feed-forward modules, inputs). The neutral module is ``l = 1``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from registry.adapters.base import (
+    AdapterMetadata,
+    AdapterType,
+    common_dtype,
+    module_key,
+    require_float,
+    split_tensor_names,
+    target_modules_list,
+)
+from registry.errors import InvalidAdapterError
+from registry.safetensors_io import SafetensorsHeader
+
+TENSOR_SUFFIXES = {".ia3_l": "ia3_l"}
+
+
+def _is_feedforward(config: dict[str, Any], layer: str) -> bool:
+    """PEFT's rule: a regex string must match the whole module name; a list matches by suffix."""
+    patterns = config.get("feedforward_modules") or []
+    key = module_key(layer)
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, key) is not None
+    return any(key == p or key.endswith("." + p) for p in patterns)
+
+
+class IA3Type(AdapterType):
+    peft_type = "IA3"
+    composable = True
+
+    def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
+        require_float(header)
+        grouped, extras = split_tensor_names(header, TENSOR_SUFFIXES)
+        if not grouped:
+            raise InvalidAdapterError(f"{header.path} holds no (IA)^3 tensors (names ending in .ia3_l)")
+        layers = {}
+        for layer, params in grouped.items():
+            shape = list(header.tensors[params["ia3_l"]].shape)
+            if len(shape) != 2 or 1 not in shape:
+                raise InvalidAdapterError(f"{header.path}: layer {layer!r} has an (IA)^3 vector of shape {shape}")
+            layers[layer] = {"params": {"ia3_l": shape}, "feedforward": _is_feedforward(config, layer)}
+        unsupported = ["modules_to_save"] if config.get("modules_to_save") else []
+        if extras:
+            unsupported.append(f"extra tensors ({', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''})")
+        return AdapterMetadata(
+            peft_type=self.peft_type,
+            composable=True,
+            base_model=config.get("base_model_name_or_path"),
+            base_revision=config.get("revision"),
+            task_type=config.get("task_type"),
+            rank=None,
+            lora_alpha=None,
+            use_rslora=False,
+            use_dora=False,
+            target_modules=target_modules_list(config),
+            layers=layers,
+            dtype=common_dtype(header),
+            num_parameters=sum(t.numel for t in header.tensors.values()),
+            unsupported=unsupported,
+        )

@@ -1,0 +1,124 @@
+"""LoRA: per adapted layer, ``A`` (r x in) and ``B`` (out x r); ``dW = s * B @ A``.
+
+The scaling is ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA), per layer when
+``rank_pattern`` / ``alpha_pattern`` override r and alpha.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from registry.adapters.base import (
+    AdapterMetadata,
+    AdapterType,
+    common_dtype,
+    pattern_value,
+    positive_int,
+    require_float,
+    split_tensor_names,
+    target_modules_list,
+)
+from registry.errors import InvalidAdapterError
+from registry.safetensors_io import SafetensorsHeader
+
+TENSOR_SUFFIXES = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_embedding_A": "lora_embedding_A",
+    ".lora_embedding_B": "lora_embedding_B",
+    ".lora_magnitude_vector": "lora_magnitude_vector",
+    ".lora_B.bias": "lora_B_bias",
+}
+
+# Config flags whose arithmetic SEMANTICS.md does not define: composition refuses them.
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias (lora_bias)",
+    "modules_to_save": "modules_to_save",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer_replication",
+}
+
+
+def scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+class LoraType(AdapterType):
+    peft_type = "LORA"
+    composable = True
+
+    def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
+        require_float(header)
+        r = positive_int(config, "r")
+        alpha = config.get("lora_alpha", 8)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            raise InvalidAdapterError(f"adapter_config.json: lora_alpha must be a number, got {alpha!r}")
+        use_rslora = bool(config.get("use_rslora", False))
+        rank_pattern = config.get("rank_pattern") or {}
+        alpha_pattern = config.get("alpha_pattern") or {}
+
+        grouped, extras = split_tensor_names(header, TENSOR_SUFFIXES)
+        if not grouped:
+            raise InvalidAdapterError(f"{header.path} holds no LoRA tensors (names ending in .lora_A.weight)")
+        layers = {}
+        unsupported = [label for flag, label in _UNSUPPORTED_FLAGS.items() if config.get(flag)]
+        for layer, params in grouped.items():
+            layers[layer] = self._describe_layer(header, layer, params, r, alpha, use_rslora, rank_pattern, alpha_pattern)
+            if "lora_embedding_A" in params:
+                unsupported.append("embedding LoRA layers")
+        if extras:
+            unsupported.append(f"extra tensors ({', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''})")
+        return AdapterMetadata(
+            peft_type=self.peft_type,
+            composable=True,
+            base_model=config.get("base_model_name_or_path"),
+            base_revision=config.get("revision"),
+            task_type=config.get("task_type"),
+            rank=r,
+            lora_alpha=float(alpha),
+            use_rslora=use_rslora,
+            use_dora=bool(config.get("use_dora", False)),
+            target_modules=target_modules_list(config),
+            layers=layers,
+            dtype=common_dtype(header),
+            num_parameters=sum(t.numel for t in header.tensors.values()),
+            unsupported=sorted(set(unsupported)),
+        )
+
+    @staticmethod
+    def _describe_layer(
+        header: SafetensorsHeader,
+        layer: str,
+        params: dict[str, str],
+        r: int,
+        alpha: float,
+        use_rslora: bool,
+        rank_pattern: dict[str, int],
+        alpha_pattern: dict[str, float],
+    ) -> dict[str, Any]:
+        a_name = params.get("lora_A") or params.get("lora_embedding_A")
+        b_name = params.get("lora_B") or params.get("lora_embedding_B")
+        if a_name is None or b_name is None:
+            missing = "lora_A" if a_name is None else "lora_B"
+            raise InvalidAdapterError(f"{header.path}: layer {layer!r} has no {missing} tensor")
+        a_shape, b_shape = header.tensors[a_name].shape, header.tensors[b_name].shape
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise InvalidAdapterError(
+                f"{header.path}: layer {layer!r} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, "
+                "which do not multiply (expected r x in and out x r)"
+            )
+        expected_rank = pattern_value(rank_pattern, layer, r)
+        if a_shape[0] != expected_rank:
+            raise InvalidAdapterError(
+                f"config and tensors disagree: adapter_config.json says rank {expected_rank} for layer {layer!r} "
+                f"but its tensors have rank {a_shape[0]}"
+            )
+        layer_alpha = float(pattern_value(alpha_pattern, layer, alpha))
+        return {
+            "params": {p: list(header.tensors[n].shape) for p, n in sorted(params.items())},
+            "rank": expected_rank,
+            "alpha": layer_alpha,
+            "scaling": scaling(layer_alpha, expected_rank, use_rslora),
+        }

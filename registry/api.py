@@ -1,0 +1,511 @@
+"""The Python API. Everything the ``pem`` command does is a method here.
+
+>>> from registry import Registry
+>>> reg = Registry.init("~/.pem")                       # create or upgrade the catalog
+>>> info = reg.add("out/yelp-lora", "team/yelp", task="sentiment", tags={"lang": "en"})
+>>> [m.ref for m in reg.list(peft_type="LORA")]
+['team/yelp@1']
+>>> reg.export("team/yelp", "exported/")                # a folder PeftModel.from_pretrained loads
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.adapters import AdapterMetadata, adapter_type
+from registry.config import Settings
+from registry.db import migrate
+from registry.db.engine import current_revision, make_engine, make_sessionmaker, require_current_schema
+from registry.db.models import Blob, DerivationInput, Module, Tag
+from registry.errors import (
+    AmbiguousReferenceError,
+    DatabaseError,
+    InvalidAdapterError,
+    InvalidNameError,
+    ModuleInUseError,
+    PemError,
+    UnknownModuleError,
+    UnsafeFormatError,
+)
+from registry.refs import ModuleName, Reference, parse_module_name, parse_reference
+from registry.safetensors_io import SafetensorsHeader, copy_canonical, read_header
+from registry.schemas import ModuleDetails, ModuleInfo, Provenance, ProvenanceInput
+from registry.store import BlobStore, open_store
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
+TAG_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+VERSION_RETRIES = 5  # concurrent registrations of one name race for the next version
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` -> (key, value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not TAG_KEY_RE.fullmatch(key):
+        raise InvalidNameError(f"invalid tag {text!r}: use KEY=VALUE, KEY of letters, digits, '_', '.', ':', '-'")
+    return key, value
+
+
+def parse_tags(tags: dict[str, str] | None) -> list[tuple[str, str]]:
+    """Validate tags given as a mapping; sorted pairs."""
+    pairs = []
+    for key, value in (tags or {}).items():
+        if not TAG_KEY_RE.fullmatch(key):
+            raise InvalidNameError(f"invalid tag key {key!r}: use letters, digits, '_', '.', ':', '-'")
+        pairs.append((key, str(value)))
+    return sorted(pairs)
+
+
+def _canonical_json_digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Registry:
+    """A catalog (SQL database) plus a blob store. Open with :meth:`open` or :meth:`init`."""
+
+    def __init__(self, settings: Settings, engine: Engine, store: BlobStore):
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self._sessions: sessionmaker[Session] = make_sessionmaker(engine)
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        database_url: str | None = None,
+        store: str | None = None,
+        user: str | None = None,
+    ) -> "Registry":
+        """Open an existing registry; raises RegistryNotInitializedError if there is none."""
+        settings = Settings.resolve(home, database_url, store, user)
+        engine = make_engine(settings.database_url)
+        require_current_schema(engine)
+        return cls(settings, engine, open_store(settings.store))
+
+    @classmethod
+    def init(
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        database_url: str | None = None,
+        store: str | None = None,
+        user: str | None = None,
+    ) -> "Registry":
+        """Create the registry, or upgrade its schema to this version's; then open it."""
+        settings = Settings.resolve(home, database_url, store, user)
+        engine = make_engine(settings.database_url)
+        current_revision(engine)  # a clear error when the database is unreachable
+        migrate.upgrade(engine)
+        Path(settings.store).mkdir(parents=True, exist_ok=True)
+        return cls(settings, engine, open_store(settings.store))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with self._sessions() as session:
+                yield session
+        except OperationalError as exc:
+            raise DatabaseError(f"database error: {str(exc.orig).strip().splitlines()[0]}") from None
+
+    # --- registering --------------------------------------------------------------------------
+
+    def add(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        task: str | None = None,
+        tags: dict[str, str] | None = None,
+        base_model: str | None = None,
+        base_revision: str | None = None,
+        description: str | None = None,
+    ) -> ModuleInfo:
+        """Register the PEFT adapter folder at ``path`` as ``name`` (``NS/NAME``).
+
+        Identical content (tensors and config) already registered under ``name`` is returned
+        as it is (``created`` False); other content becomes the next version.
+        """
+        module_name = parse_module_name(name)
+        tag_pairs = parse_tags(tags)
+        folder = Path(path)
+        config, header = read_adapter_folder(folder)
+        config = dict(config)
+        if base_model is not None:
+            config["base_model_name_or_path"] = base_model
+        if base_revision is not None:
+            config["revision"] = base_revision
+        metadata = adapter_type(str(config["peft_type"])).describe(config, header)
+        if not metadata.base_model:
+            raise InvalidAdapterError(
+                f"{folder / CONFIG_FILE} has no base_model_name_or_path: pass --base-model ID"
+            )
+        with self.store.writer() as writer:
+            copy_canonical(header, writer.sink)
+            size = writer.sink.bytes_written
+            digest = writer.commit()
+        return self._register(
+            module_name,
+            kind="trained",
+            digest=digest,
+            size_bytes=size,
+            config=config,
+            metadata=metadata,
+            task=task,
+            tags=tag_pairs,
+            description=description,
+            source={"path": str(folder.absolute()), "file_sha256": _file_sha256(header.path)},
+        )
+
+    def _register(
+        self,
+        name: ModuleName,
+        *,
+        kind: str,
+        digest: str,
+        size_bytes: int,
+        config: dict[str, Any],
+        metadata: AdapterMetadata,
+        task: str | None,
+        tags: list[tuple[str, str]],
+        description: str | None,
+        source: dict[str, Any] | None,
+        attach: Any = None,
+    ) -> ModuleInfo:
+        """Insert a module row for a blob already in the store. ``attach(session, module)``
+        adds rows that must commit in the same transaction (a derivation)."""
+        config_digest = _canonical_json_digest(config)
+        for attempt in range(VERSION_RETRIES):
+            try:
+                with self._session() as session, session.begin():
+                    existing = session.scalars(
+                        select(Module).where(
+                            Module.namespace == name.namespace,
+                            Module.name == name.name,
+                            Module.digest == digest,
+                            Module.config_digest == config_digest,
+                        ).order_by(Module.version.desc())
+                    ).first()
+                    if existing is not None:
+                        return _module_info(existing, created=False)
+                    if session.get(Blob, digest) is None:
+                        session.add(Blob(digest=digest, size_bytes=size_bytes))
+                    latest = session.scalar(
+                        select(func.max(Module.version)).where(
+                            Module.namespace == name.namespace, Module.name == name.name
+                        )
+                    )
+                    module = Module(
+                        namespace=name.namespace,
+                        name=name.name,
+                        version=(latest or 0) + 1,
+                        kind=kind,
+                        digest=digest,
+                        config_digest=config_digest,
+                        peft_type=metadata.peft_type,
+                        composable=metadata.composable and not metadata.unsupported,
+                        unsupported=metadata.unsupported,
+                        base_model=metadata.base_model or "",
+                        base_revision=metadata.base_revision,
+                        task_type=metadata.task_type,
+                        task=task,
+                        rank=metadata.rank,
+                        lora_alpha=metadata.lora_alpha,
+                        use_rslora=metadata.use_rslora,
+                        use_dora=metadata.use_dora,
+                        target_modules=metadata.target_modules,
+                        layers=metadata.layers,
+                        config=config,
+                        dtype=metadata.dtype,
+                        num_parameters=metadata.num_parameters,
+                        size_bytes=size_bytes,
+                        description=description,
+                        owner=self.settings.user,
+                        source=source,
+                        tags=[Tag(key=k, value=v) for k, v in tags],
+                    )
+                    session.add(module)
+                    session.flush()
+                    if attach is not None:
+                        attach(session, module)
+                    session.flush()
+                    return _module_info(module, created=True)
+            except IntegrityError:
+                if attempt == VERSION_RETRIES - 1:
+                    raise DatabaseError(
+                        f"could not allocate a version of {name} after {VERSION_RETRIES} attempts "
+                        "(many concurrent writers?): try again"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    # --- finding ------------------------------------------------------------------------------
+
+    def get(self, ref: str) -> ModuleDetails:
+        """The module a reference names, with layers, config and provenance."""
+        with self._session() as session:
+            return _module_details(self._resolve(session, ref))
+
+    def list(
+        self,
+        *,
+        base_model: str | None = None,
+        peft_type: str | None = None,
+        task: str | None = None,
+        rank: int | None = None,
+        tags: dict[str, str] | None = None,
+        kind: str | None = None,
+        latest: bool = False,
+    ) -> list[ModuleInfo]:
+        """Registered modules matching every given filter, by name then version."""
+        query = select(Module)
+        if base_model is not None:
+            query = query.where(Module.base_model == base_model)
+        if peft_type is not None:
+            query = query.where(Module.peft_type == peft_type.upper().replace("(IA)^3", "IA3"))
+        if task is not None:
+            query = query.where(Module.task == task)
+        if rank is not None:
+            query = query.where(Module.rank == rank)
+        if kind is not None:
+            query = query.where(Module.kind == kind)
+        for key, value in (tags or {}).items():
+            query = query.where(Module.tags.any((Tag.key == key) & (Tag.value == value)))
+        if latest:
+            newest = (
+                select(Module.namespace, Module.name, func.max(Module.version).label("version"))
+                .group_by(Module.namespace, Module.name)
+                .subquery()
+            )
+            query = query.join(
+                newest,
+                (Module.namespace == newest.c.namespace)
+                & (Module.name == newest.c.name)
+                & (Module.version == newest.c.version),
+            )
+        query = query.order_by(Module.namespace, Module.name, Module.version)
+        with self._session() as session:
+            return [_module_info(m) for m in session.scalars(query)]
+
+    def resolve(self, ref: str) -> ModuleInfo:
+        """What a reference points at (without layers and config)."""
+        with self._session() as session:
+            return _module_info(self._resolve(session, ref))
+
+    def _resolve(self, session: Session, ref: str | Reference) -> Module:
+        parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
+        if parsed.digest_prefix is not None:
+            return self._resolve_digest(session, parsed)
+        assert parsed.module is not None
+        ns, name = parsed.module.namespace, parsed.module.name
+        query = select(Module).where(Module.namespace == ns, Module.name == name)
+        if parsed.alias is not None:
+            raise UnknownModuleError(
+                f"{parsed.text}: aliases are not supported yet; use {parsed.module}@VERSION or {parsed.module}"
+            )
+        if parsed.version is not None:
+            module = session.scalars(query.where(Module.version == parsed.version)).first()
+        else:
+            module = session.scalars(query.order_by(Module.version.desc())).first()
+        if module is not None:
+            return module
+        versions = session.scalars(select(Module.version).where(Module.namespace == ns, Module.name == name)).all()
+        if versions:
+            raise UnknownModuleError(
+                f"no version {parsed.version} of {parsed.module}: it has versions {', '.join(map(str, sorted(versions)))}"
+            )
+        raise UnknownModuleError(f"no module named {parsed.module}{self._suggest(session, str(parsed.module))}")
+
+    def _resolve_digest(self, session: Session, parsed: Reference) -> Module:
+        prefix = parsed.digest_prefix or ""
+        matches = session.scalars(
+            select(Module).where(Module.digest.like(prefix + "%")).order_by(Module.namespace, Module.name, Module.version)
+        ).all()
+        if not matches:
+            raise UnknownModuleError(f"no module has a digest starting with {prefix}")
+        if len(matches) > 1:
+            listed = ", ".join(f"{m.ref} (sha256:{m.digest[:12]})" for m in matches[:10])
+            raise AmbiguousReferenceError(
+                f"sha256:{prefix} matches {len(matches)} modules: {listed}; use a longer prefix or NS/NAME@VERSION"
+            )
+        return matches[0]
+
+    @staticmethod
+    def _suggest(session: Session, wanted: str) -> str:
+        names = session.execute(select(Module.namespace, Module.name).distinct()).all()
+        close = difflib.get_close_matches(wanted, [f"{ns}/{n}" for ns, n in names], n=3, cutoff=0.6)
+        return f"; did you mean {', '.join(close)}?" if close else ""
+
+    # --- exporting and removing ---------------------------------------------------------------
+
+    def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``
+        (new or empty), a folder that ``PeftModel.from_pretrained`` loads."""
+        target = Path(directory)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise PemError(f"export target {target} exists and is not an empty folder: choose a new folder")
+        with self._session() as session:
+            module = self._resolve(session, ref)
+            config, digest = module.config, module.digest
+        blob = self.store.local_path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".pem-export-", dir=target.parent))
+        try:
+            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(blob, staging / WEIGHTS_FILE)
+            if target.exists():
+                target.rmdir()
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def remove(self, ref: str) -> ModuleInfo:
+        """Delete a module version; refused while modules derived from it exist. Its blob is
+        deleted when no other module uses it."""
+        with self._session() as session, session.begin():
+            module = self._resolve(session, ref)
+            dependents = session.scalars(
+                select(Module).join(DerivationInput, DerivationInput.module_id == Module.id)
+                .where(DerivationInput.input_id == module.id).order_by(Module.id)
+            ).all()
+            if dependents:
+                names = ", ".join(m.ref for m in dependents[:5])
+                raise ModuleInUseError(
+                    f"cannot remove {module.ref}: {names} {'was' if len(dependents) == 1 else 'were'} derived from it; "
+                    "remove those first"
+                )
+            info = _module_info(module)
+            digest = module.digest
+            session.delete(module)
+            session.flush()
+            orphan = session.scalar(select(func.count()).where(Module.digest == digest)) == 0
+            if orphan:
+                session.delete(session.get(Blob, digest))
+        if orphan:  # after the commit: a crash here leaves a stray file, never a dangling row
+            self.store.delete(digest)
+        return info
+
+
+# --- reading adapter folders ------------------------------------------------------------------
+
+
+def read_adapter_folder(folder: Path) -> tuple[dict[str, Any], SafetensorsHeader]:
+    """Validate a PEFT adapter folder and read its config and weights header (no tensor data)."""
+    if not folder.is_dir():
+        raise InvalidAdapterError(f"{folder} is not a folder: pass a PEFT adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise InvalidAdapterError(f"{folder} has no {CONFIG_FILE}: is it a PEFT adapter folder?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapterError(f"{config_path} is not valid JSON ({exc.__class__.__name__}): fix or re-save it") from None
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        raise InvalidAdapterError(f"{config_path} has no peft_type: is it a PEFT adapter config?")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        pickles = [p for p in PICKLE_FILES if (folder / p).is_file()]
+        if pickles:
+            raise UnsafeFormatError(
+                f"{folder / pickles[0]} is a pickle, which the registry never loads: convert it to safetensors "
+                "(load it in PEFT and save_pretrained(..., safe_serialization=True))"
+            )
+        raise InvalidAdapterError(f"{folder} has no {WEIGHTS_FILE}")
+    return config, read_header(weights)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 * 1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- rows to results --------------------------------------------------------------------------
+
+
+def _info_fields(module: Module) -> dict[str, Any]:
+    return dict(
+        name=module.full_name,
+        version=module.version,
+        ref=module.ref,
+        digest=module.digest,
+        kind=module.kind,
+        peft_type=module.peft_type,
+        composable=module.composable,
+        base_model=module.base_model,
+        base_revision=module.base_revision,
+        task=module.task,
+        task_type=module.task_type,
+        rank=module.rank,
+        lora_alpha=module.lora_alpha,
+        use_rslora=module.use_rslora,
+        use_dora=module.use_dora,
+        target_modules=module.target_modules,
+        dtype=module.dtype,
+        num_parameters=module.num_parameters,
+        size_bytes=module.size_bytes,
+        tags={t.key: t.value for t in module.tags},
+        owner=module.owner,
+        description=module.description,
+        created_at=module.created_at,
+    )
+
+
+def _module_info(module: Module, created: bool = True) -> ModuleInfo:
+    return ModuleInfo(**_info_fields(module), created=created)
+
+
+def _module_details(module: Module) -> ModuleDetails:
+    derivation = module.derivation
+    provenance = None
+    if derivation is not None:
+        provenance = Provenance(
+            expression=derivation.expression,
+            canonical=derivation.canonical,
+            method=derivation.method,
+            method_version=derivation.method_version,
+            parameters=derivation.parameters,
+            results=derivation.results,
+            environment=derivation.environment,
+            inputs=[
+                ProvenanceInput(ref=i.input.ref, digest=i.input_digest, a=i.a, b=i.b) for i in derivation.inputs
+            ],
+            created_at=derivation.created_at,
+        )
+    return ModuleDetails(
+        **_info_fields(module),
+        unsupported=module.unsupported,
+        layers=module.layers,
+        config=module.config,
+        source=module.source,
+        provenance=provenance,
+    )

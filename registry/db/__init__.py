@@ -1,0 +1,1 @@
+"""Database access: engines, sessions and the schema (SQLAlchemy models, Alembic migrations)."""

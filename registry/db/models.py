@@ -1,0 +1,174 @@
+"""The catalog's tables, as SQLAlchemy 2 typed ORM classes.
+
+The schema is created only by the Alembic migrations in ``migrations/``; a test compares
+these models with the migrations (``alembic check``) so that the two never drift.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Named constraints keep migrations readable and identical on SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored in UTC and always returned timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: use datetime.now(timezone.utc)")
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Blob(Base):
+    """A stored weights file, named by the sha256 of its canonical bytes."""
+
+    __tablename__ = "blobs"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Module(Base):
+    """One registered version of a named module: its metadata, config and blob."""
+
+    __tablename__ = "modules"
+    __table_args__ = (UniqueConstraint("namespace", "name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(96))
+    name: Mapped[str] = mapped_column(String(96))
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16), index=True)  # trained, derived, ported, pulled
+    digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"), index=True)
+    config_digest: Mapped[str] = mapped_column(String(64))  # identity together with digest
+    peft_type: Mapped[str] = mapped_column(String(32), index=True)
+    composable: Mapped[bool] = mapped_column(Boolean)
+    # Features whose arithmetic is not defined (DoRA, lora_bias, ...): why it is not composable.
+    unsupported: Mapped[list[str]] = mapped_column(JSON)
+    base_model: Mapped[str] = mapped_column(String(255), index=True)
+    base_revision: Mapped[str | None] = mapped_column(String(255))
+    task_type: Mapped[str | None] = mapped_column(String(64))  # PEFT's task_type, e.g. CAUSAL_LM
+    task: Mapped[str | None] = mapped_column(String(128), index=True)  # the team's task, e.g. sentiment
+    rank: Mapped[int | None] = mapped_column(Integer, index=True)
+    lora_alpha: Mapped[float | None] = mapped_column(Float)
+    use_rslora: Mapped[bool] = mapped_column(Boolean, default=False)
+    use_dora: Mapped[bool] = mapped_column(Boolean, default=False)
+    target_modules: Mapped[list[str]] = mapped_column(JSON)
+    layers: Mapped[dict[str, Any]] = mapped_column(JSON)  # layer -> {"params": {param: shape}, ...}
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # adapter_config.json as exported
+    dtype: Mapped[str] = mapped_column(String(16))
+    num_parameters: Mapped[int] = mapped_column(BigInteger)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    description: Mapped[str | None] = mapped_column(Text)
+    owner: Mapped[str] = mapped_column(String(128))
+    source: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # where it came from: path, file sha256
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    tags: Mapped[list["Tag"]] = relationship(
+        back_populates="module", cascade="all, delete-orphan", order_by="Tag.key", lazy="selectin"
+    )
+    derivation: Mapped["Derivation | None"] = relationship(
+        back_populates="module", cascade="all, delete-orphan", foreign_keys="Derivation.module_id"
+    )
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}@{self.version}"
+
+
+class Tag(Base):
+    __tablename__ = "tags"
+
+    module_id: Mapped[int] = mapped_column(ForeignKey("modules.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[str] = mapped_column(String(512), index=True)
+
+    module: Mapped[Module] = relationship(back_populates="tags")
+
+
+class Derivation(Base):
+    """How a derived module was made: the expression, the method and its parameters."""
+
+    __tablename__ = "derivations"
+
+    module_id: Mapped[int] = mapped_column(ForeignKey("modules.id", ondelete="CASCADE"), primary_key=True)
+    expression: Mapped[str] = mapped_column(Text)  # as the user wrote it
+    canonical: Mapped[str] = mapped_column(Text)  # normalized, with resolved references
+    method: Mapped[str] = mapped_column(String(32))
+    method_version: Mapped[int] = mapped_column(Integer)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON)  # rank, union, dtype, seed, ...
+    results: Mapped[dict[str, Any]] = mapped_column(JSON)  # measured: truncation error, ...
+    environment: Mapped[dict[str, Any]] = mapped_column(JSON)  # package, torch, safetensors versions
+    identity: Mapped[str] = mapped_column(String(64), index=True)  # hash of method, params, inputs
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    module: Mapped[Module] = relationship(back_populates="derivation", foreign_keys=[module_id])
+    inputs: Mapped[list["DerivationInput"]] = relationship(
+        back_populates="derivation", cascade="all, delete-orphan", order_by="DerivationInput.position",
+        lazy="selectin",
+    )
+
+
+class DerivationInput(Base):
+    """One edge of the lineage graph: ``input_id`` went into ``module_id`` with coefficients a, b."""
+
+    __tablename__ = "derivation_inputs"
+
+    module_id: Mapped[int] = mapped_column(
+        ForeignKey("derivations.module_id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # RESTRICT: a module that others were derived from cannot disappear under them.
+    input_id: Mapped[int] = mapped_column(ForeignKey("modules.id", ondelete="RESTRICT"), index=True)
+    input_digest: Mapped[str] = mapped_column(String(64))
+    a: Mapped[float] = mapped_column(Float)  # unsigned coefficient (SEMANTICS.md section 2)
+    b: Mapped[float] = mapped_column(Float)  # signed coefficient
+
+    derivation: Mapped[Derivation] = relationship(back_populates="inputs")
+    input: Mapped[Module] = relationship(foreign_keys=[input_id])

@@ -1,0 +1,106 @@
+"""Every error the registry raises, in one place.
+
+All of them derive from :class:`PemError`, so callers can catch broadly or narrowly. Each
+message is one line that names the thing at fault and, where there is one, the fix. The CLI
+prints ``error: <message>`` and exits with :attr:`PemError.exit_code`, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class PemError(Exception):
+    """Base class of every error the registry raises on purpose."""
+
+    exit_code = 1
+
+
+# --- configuration and database -------------------------------------------------------------
+
+
+class ConfigurationError(PemError):
+    """An environment variable or option has a value the registry cannot use."""
+
+
+class RegistryNotInitializedError(PemError):
+    """The database has no registry schema yet (run ``pem init``)."""
+
+
+class SchemaOutdatedError(PemError):
+    """The database schema is older (or newer) than this version of pem-registry expects."""
+
+
+class DatabaseError(PemError):
+    """The database could not be reached or refused an operation."""
+
+
+# --- names and references ---------------------------------------------------------------------
+
+
+class InvalidNameError(PemError):
+    """A module name or reference is not of the form ``NS/NAME``, ``NS/NAME@N`` or ``sha256:HEX``."""
+
+
+class NotFoundError(PemError):
+    """Something that was asked for by name does not exist."""
+
+
+class UnknownModuleError(NotFoundError):
+    """No registered module matches a reference."""
+
+
+class AmbiguousReferenceError(PemError):
+    """A digest prefix matches more than one module."""
+
+
+class ModuleInUseError(PemError):
+    """A module cannot be removed because other modules were derived from it."""
+
+
+class NameConflictError(PemError):
+    """An output name already holds a different module."""
+
+
+# --- adapter files ----------------------------------------------------------------------------
+
+
+class InvalidAdapterError(PemError):
+    """An adapter folder or file is missing, malformed, unsafe or inconsistent."""
+
+
+class UnsafeFormatError(InvalidAdapterError):
+    """Only a pickle-based weights file was found; the registry never unpickles."""
+
+
+# --- composition ------------------------------------------------------------------------------
+
+
+class ExpressionError(PemError):
+    """A composition expression is malformed or ill-typed. Messages show the expression with a caret."""
+
+
+class ExpressionSyntaxError(ExpressionError):
+    """The expression does not parse."""
+
+
+class ExpressionTypeError(ExpressionError):
+    """The expression parses but multiplies modules, adds scalars to modules, or divides by zero."""
+
+
+class IncompatibleModulesError(PemError):
+    """The inputs of a composition cannot be combined; ``violations`` lists every reason."""
+
+    def __init__(self, violations: list[str]):
+        self.violations = list(violations)
+        super().__init__("; ".join(self.violations))
+
+
+class UnsupportedMethodError(PemError):
+    """A composition method is unknown, or does not apply to the inputs' PEFT type."""
+
+
+# --- integrity --------------------------------------------------------------------------------
+
+
+class BlobStoreError(PemError):
+    """The blob store is missing a blob, or a blob does not match its digest."""
+

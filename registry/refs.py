@@ -1,0 +1,102 @@
+"""Module names and references: the one place where their syntax is defined.
+
+A module is named ``NS/NAME`` and every registration of it gets a version ``1, 2, ...``.
+A *reference* picks one registered module:
+
+* ``NS/NAME``           the latest version;
+* ``NS/NAME@N``         version ``N``;
+* ``NS/NAME@LABEL``     a named alias (reserved for aliases; resolved by the catalog);
+* ``sha256:HEX``        the module whose content digest starts with ``HEX`` (8 to 64 hex digits).
+
+The composition language reuses :data:`REFERENCE_PATTERN`, so an expression accepts exactly
+the references that the command line does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from registry.errors import InvalidNameError
+
+# A name segment: letters, digits, '_', '.', '-', starting and ending with a letter or digit
+# (so that `a/b - c/d` never glues a trailing '-' onto a name), no '..' or '--' (the Hub
+# forbids them), at most 96 characters.
+_SEGMENT = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?"
+_SELECTOR = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+_DIGEST = r"sha256:[0-9a-fA-F]+"
+
+NAME_PATTERN = rf"{_SEGMENT}/{_SEGMENT}"
+REFERENCE_PATTERN = rf"(?:{_DIGEST}|{NAME_PATTERN}(?:@{_SELECTOR})?)"
+
+_NAME_RE = re.compile(rf"({_SEGMENT})/({_SEGMENT})")
+_REFERENCE_RE = re.compile(rf"(?:sha256:(?P<digest>[0-9a-fA-F]+)|(?P<ns>{_SEGMENT})/(?P<name>{_SEGMENT})(?:@(?P<sel>{_SELECTOR}))?)")
+
+MIN_DIGEST_PREFIX = 8
+NAME_HINT = "names look like 'team/sentiment' (letters, digits, '.', '_', '-')"
+
+
+@dataclass(frozen=True)
+class ModuleName:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed reference. Exactly one of ``module`` and ``digest_prefix`` is set."""
+
+    text: str
+    module: ModuleName | None = None
+    version: int | None = None
+    alias: str | None = None
+    digest_prefix: str | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _check_segments(text: str, *segments: str) -> None:
+    for segment in segments:
+        if ".." in segment or "--" in segment:
+            raise InvalidNameError(f"invalid name {text!r}: '..' and '--' are not allowed; {NAME_HINT}")
+
+
+def parse_module_name(text: str) -> ModuleName:
+    """Parse ``NS/NAME`` (no version): the form an output or a new registration takes."""
+    match = _NAME_RE.fullmatch(text.strip())
+    if not match:
+        raise InvalidNameError(f"invalid module name {text!r}: {NAME_HINT}, without '@version'")
+    _check_segments(text, match.group(1), match.group(2))
+    return ModuleName(match.group(1), match.group(2))
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse a reference to a registered module (see the module docstring for the forms)."""
+    stripped = text.strip()
+    match = _REFERENCE_RE.fullmatch(stripped)
+    if not match:
+        raise InvalidNameError(
+            f"invalid reference {text!r}: use NS/NAME, NS/NAME@VERSION or sha256:HEXPREFIX"
+        )
+    if match.group("digest") is not None:
+        prefix = match.group("digest").lower()
+        if len(prefix) < MIN_DIGEST_PREFIX or len(prefix) > 64:
+            raise InvalidNameError(
+                f"invalid reference {text!r}: a digest prefix needs {MIN_DIGEST_PREFIX} to 64 hex digits"
+            )
+        return Reference(text=stripped, digest_prefix=prefix)
+    _check_segments(text, match.group("ns"), match.group("name"))
+    module = ModuleName(match.group("ns"), match.group("name"))
+    selector = match.group("sel")
+    if selector is None:
+        return Reference(text=stripped, module=module)
+    if selector.isdigit():
+        version = int(selector)
+        if version < 1:
+            raise InvalidNameError(f"invalid reference {text!r}: versions start at 1")
+        return Reference(text=stripped, module=module, version=version)
+    return Reference(text=stripped, module=module, alias=selector)

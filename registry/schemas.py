@@ -1,0 +1,79 @@
+"""Typed results of the Python API; their JSON is what ``--json`` prints (one stable schema).
+
+Version 1 of the schema. Fields are only ever added; a removal or change of meaning bumps
+``SCHEMA_VERSION`` and is announced in the README.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+Kind = Literal["trained", "derived", "ported", "pulled"]
+
+
+class ProvenanceInput(BaseModel):
+    """One input of a derivation, with its coefficients (SEMANTICS.md section 2)."""
+
+    ref: str = Field(description="NS/NAME@VERSION of the input")
+    digest: str
+    a: float = Field(description="unsigned coefficient")
+    b: float = Field(description="signed coefficient")
+
+
+class Provenance(BaseModel):
+    expression: str = Field(description="as written")
+    canonical: str = Field(description="normalized, references resolved to versions")
+    method: str
+    method_version: int
+    parameters: dict[str, Any]
+    results: dict[str, Any]
+    environment: dict[str, Any]
+    inputs: list[ProvenanceInput]
+    created_at: datetime
+
+
+class ModuleInfo(BaseModel):
+    """One registered module version, as ``pem list --json`` prints it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="NS/NAME")
+    version: int
+    ref: str = Field(description="NS/NAME@VERSION")
+    digest: str = Field(description="sha256 of the canonical tensors")
+    kind: Kind
+    peft_type: str
+    composable: bool
+    base_model: str
+    base_revision: str | None
+    task: str | None
+    task_type: str | None
+    rank: int | None
+    lora_alpha: float | None
+    use_rslora: bool
+    use_dora: bool
+    target_modules: list[str]
+    dtype: str
+    num_parameters: int
+    size_bytes: int
+    tags: dict[str, str]
+    owner: str
+    description: str | None
+    created_at: datetime
+    # Set by add/compose: False when the call found the module already registered.
+    created: bool = Field(default=True, exclude=True)
+
+
+class ModuleDetails(ModuleInfo):
+    """``pem show --json``: everything in :class:`ModuleInfo` plus layers, config and provenance."""
+
+    unsupported: list[str] = Field(description="features that make it not composable")
+    layers: dict[str, dict[str, Any]]
+    config: dict[str, Any] = Field(description="adapter_config.json as exported")
+    source: dict[str, Any] | None
+    provenance: Provenance | None

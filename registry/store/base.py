@@ -1,0 +1,63 @@
+"""What a blob store is: content-addressed, write-once files named by their sha256.
+
+The catalog only ever talks to this interface, so another backend (an S3-compatible bucket
+with a local read cache) slots in beside :mod:`registry.store.local` without touching the
+rest. Writes go through :meth:`BlobStore.writer`: bytes are hashed while they are written,
+and the blob becomes visible under its digest only when :meth:`BlobWriter.commit` has made
+it durable. The catalog commits its row after that, never before.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import TracebackType
+from typing import Iterator
+
+from registry.safetensors_io import HashingWriter
+
+
+class BlobWriter(ABC):
+    """A blob being written. Use as a context manager: leaving it without commit discards it."""
+
+    sink: HashingWriter
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.sink.write(data)
+
+    @abstractmethod
+    def commit(self) -> str:
+        """Make the blob durable under its digest and return the digest. If a blob with the
+        same digest already exists, the new copy is discarded (content addressing)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard what was written."""
+
+    def __enter__(self) -> "BlobWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.abort()  # a no-op after commit
+
+
+class BlobStore(ABC):
+    location: str
+
+    @abstractmethod
+    def writer(self) -> BlobWriter: ...
+
+    @abstractmethod
+    def exists(self, digest: str) -> bool: ...
+
+    @abstractmethod
+    def local_path(self, digest: str) -> Path:
+        """A local file holding the blob, for reading or memory-mapping. Raises BlobStoreError
+        when the blob is missing."""
+
+    @abstractmethod
+    def delete(self, digest: str) -> None: ...
+
+    @abstractmethod
+    def digests(self) -> Iterator[str]:
+        """Every digest the store holds."""

@@ -1,0 +1,87 @@
+"""Blobs as files in a local folder: ``<root>/sha256/ab/cdef...`` (the digest, split for fan-out)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from registry.errors import BlobStoreError
+from registry.safetensors_io import HashingWriter
+from registry.store.base import BlobStore, BlobWriter
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBlobWriter(BlobWriter):
+    def __init__(self, store: "LocalBlobStore"):
+        self._store = store
+        store.tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="incoming-")
+        self._tmp_path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self.sink = HashingWriter(self._file)
+        self._done = False
+
+    def commit(self) -> str:
+        digest = self.sink.hexdigest()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self._store.blob_path(digest)
+        if final.exists():
+            self._tmp_path.unlink()
+        else:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(self._tmp_path, 0o444)  # blobs are immutable
+            os.replace(self._tmp_path, final)
+            _fsync_dir(final.parent)
+        self._done = True
+        return digest
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
+
+
+class LocalBlobStore(BlobStore):
+    def __init__(self, root: Path):
+        self.root = root
+        self.location = str(root)
+        self.tmp_dir = root / "tmp"
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "sha256" / digest[:2] / digest[2:]
+
+    def writer(self) -> LocalBlobWriter:
+        return LocalBlobWriter(self)
+
+    def exists(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def local_path(self, digest: str) -> Path:
+        path = self.blob_path(digest)
+        if not path.is_file():
+            raise BlobStoreError(f"blob sha256:{digest} is missing from {self.root}: run `pem verify --all`")
+        return path
+
+    def delete(self, digest: str) -> None:
+        self.blob_path(digest).unlink(missing_ok=True)
+
+    def digests(self) -> Iterator[str]:
+        base = self.root / "sha256"
+        if not base.is_dir():
+            return
+        for fan in sorted(base.iterdir()):
+            for blob in sorted(fan.iterdir()):
+                yield fan.name + blob.name
