@@ -245,6 +245,107 @@ def rm(registry: Any, ref: str) -> None:
     click.echo(f"removed {info.ref}")
 
 
+# --- composition ------------------------------------------------------------------------------
+
+
+def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    from registry.methods import DEFAULT_METHOD, METHODS
+
+    options = [
+        click.option("--method", default=DEFAULT_METHOD, show_default=True, type=click.Choice(list(METHODS)),
+                     help="module: the paper's arithmetic on parameters; exact: concatenated ranks; svd: exact, truncated."),
+        click.option("--rank", type=int, help="Output rank (svd only; default: the largest input rank)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
+                     help="Output dtype (default: the inputs' common dtype)."),
+        click.option("--union", is_flag=True, help="Allow layers adapted by only some inputs (missing = no effect)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@pem.command()
+@click.argument("expression")
+@composition_options
+@click.option("--deviation", is_flag=True, help="Read the tensors and measure the module method's error (LoRA).")
+@json_option
+@with_registry
+def check(registry: Any, expression: str, as_json: bool, **options: Any) -> None:
+    """Check EXPRESSION without computing it: terms, output, and every incompatibility."""
+    report = registry.check(expression, **options)
+    if as_json:
+        echo_json(report)
+    else:
+        _print_report(report)
+    if not report.composable:
+        sys.exit(1)
+
+
+def _print_report(report: Any) -> None:
+    click.echo(f"expression  {report.canonical}")
+    click.echo(f"method      {report.method}" + "".join(f" {k}={v}" for k, v in report.parameters.items() if v not in (None, False)))
+    for term in report.terms:
+        click.echo(f"  {term.b:+g}  {term.ref}  (a={term.a:g}, {term.peft_type}, sha256:{term.digest[:12]})")
+    if report.output:
+        o = report.output
+        rank = f", rank {o.rank}" if o.rank else ""
+        click.echo(f"output      {o.peft_type}{rank}, {o.layers} layers, {o.dtype}, {o.num_parameters:,} parameters, {human_size(o.size_bytes)}")
+    for note in report.notes:
+        click.echo(f"note        {note}")
+    if report.deviation:
+        click.echo(f"deviation   {report.deviation.overall:.4g} relative Frobenius error of dW vs the exact sum (overall)")
+        for layer, value in report.deviation.per_layer.items():
+            click.echo(f"            {value:.4g}  {layer}")
+    if report.composable:
+        click.echo("composable")
+    else:
+        click.echo(f"not composable ({len(report.violations)} problem{'s' if len(report.violations) != 1 else ''}):")
+        for violation in report.violations:
+            click.echo(f"  - {violation}")
+
+
+@pem.command()
+@click.argument("expression")
+@click.option("--name", required=True, help="NS/NAME of the new module.")
+@composition_options
+@click.option("--description", help="A sentence on what it is for.")
+@click.option("--new-version", is_flag=True, help="Add a version when NAME already holds another derivation.")
+@json_option
+@with_registry
+def compose(registry: Any, expression: str, name: str, as_json: bool, **options: Any) -> None:
+    """Evaluate EXPRESSION into a new registered module NAME, with its provenance."""
+    with _progress("composing") as progress:
+        info = registry.compose(expression, name, progress=progress, **options)
+    if as_json:
+        echo_json(info)
+    elif info.created:
+        click.echo(f"composed {info.ref}  sha256:{info.digest[:12]}  {info.peft_type} rank {info.rank or '-'}  {human_size(info.size_bytes)}")
+    else:
+        click.echo(f"{info.ref} already holds this derivation (same inputs, coefficients and method)")
+
+
+class _progress:
+    """A rich progress bar on a terminal; nothing when output is piped."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        if not sys.stderr.isatty():
+            return None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=True)
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=None)
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def main() -> None:
     pem(prog_name="pem")
 

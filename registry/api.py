@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import difflib
+from fractions import Fraction
 import hashlib
 import json
 import os
@@ -29,20 +30,36 @@ from registry.adapters import AdapterMetadata, adapter_type
 from registry.config import Settings
 from registry.db import migrate
 from registry.db.engine import current_revision, make_engine, make_sessionmaker, require_current_schema
-from registry.db.models import Blob, DerivationInput, Module, Tag
+from registry.compose.plan import InputModule, OutputPlan, bind_terms, build_plan, parse_expression
+from registry.db.models import Blob, Derivation, DerivationInput, Module, Tag
 from registry.errors import (
     AmbiguousReferenceError,
     DatabaseError,
+    IncompatibleModulesError,
     InvalidAdapterError,
     InvalidNameError,
     ModuleInUseError,
+    NameConflictError,
+    NotFoundError,
     PemError,
+    UnsupportedMethodError,
     UnknownModuleError,
     UnsafeFormatError,
 )
+from registry.language import caret
+from registry.methods import DEFAULT_METHOD, get_method
 from registry.refs import ModuleName, Reference, parse_module_name, parse_reference
 from registry.safetensors_io import SafetensorsHeader, copy_canonical, read_header
-from registry.schemas import ModuleDetails, ModuleInfo, Provenance, ProvenanceInput
+from registry.schemas import (
+    CheckReport,
+    Deviation,
+    ModuleDetails,
+    ModuleInfo,
+    OutputSummary,
+    Provenance,
+    ProvenanceInput,
+    TermInfo,
+)
 from registry.store import BlobStore, open_store
 
 CONFIG_FILE = "adapter_config.json"
@@ -361,6 +378,138 @@ class Registry:
         close = difflib.get_close_matches(wanted, [f"{ns}/{n}" for ns, n in names], n=3, cutoff=0.6)
         return f"; did you mean {', '.join(close)}?" if close else ""
 
+    # --- composing ----------------------------------------------------------------------------
+
+    def check(
+        self,
+        expression: str,
+        *,
+        method: str = DEFAULT_METHOD,
+        rank: int | None = None,
+        dtype: str | None = None,
+        union: bool = False,
+        deviation: bool = False,
+    ) -> CheckReport:
+        """Parse, resolve, type-check and validate ``expression`` on metadata alone, and say
+        what the output would be. Incompatibilities are listed in the report (``composable``
+        False), not raised. ``deviation`` (LoRA, method ``module``) reads the tensors to
+        measure how far the result's effect is from the exact sum."""
+        plan, inputs, canonical_text, violations = self._plan(expression, method, rank, dtype, union)
+        report = CheckReport(
+            expression=expression,
+            canonical=canonical_text,
+            method=method,
+            parameters=plan.parameters if plan else {"rank": rank, "union": union, "dtype": dtype},
+            composable=plan is not None,
+            violations=violations,
+            terms=[
+                TermInfo(ref=i.ref, digest=i.digest, peft_type=i.peft_type, a=float(i.a), b=float(i.b))
+                for i in sorted(inputs, key=lambda i: i.position)
+            ],
+            output=None if plan is None else OutputSummary(
+                peft_type=plan.peft_type, dtype=plan.dtype, rank=plan.max_rank, layers=len(plan.layers),
+                num_parameters=plan.num_parameters, size_bytes=plan.size_bytes,
+            ),
+            notes=plan.notes if plan else [],
+        )
+        if deviation and plan is not None:
+            if plan.peft_type != "LORA" or method != "module":
+                raise UnsupportedMethodError("--deviation applies to LoRA inputs with method 'module'")
+            from registry.compose.engine import measure_deviation
+
+            report.deviation = Deviation(**measure_deviation(plan, self.store))
+        return report
+
+    def compose(
+        self,
+        expression: str,
+        name: str,
+        *,
+        method: str = DEFAULT_METHOD,
+        rank: int | None = None,
+        dtype: str | None = None,
+        union: bool = False,
+        description: str | None = None,
+        new_version: bool = False,
+        progress: Any = None,
+    ) -> ModuleInfo:
+        """Evaluate ``expression`` into a new module ``name`` (kind ``derived``), stored with
+        its provenance. Asking again for the same derivation returns the existing module
+        (``created`` False); another derivation under an existing name is refused unless
+        ``new_version``."""
+        output_name = parse_module_name(name)
+        plan, _, _, violations = self._plan(expression, method, rank, dtype, union)
+        if plan is None:
+            raise IncompatibleModulesError(violations)
+        identity = plan.identity()
+        with self._session() as session:
+            same_name = session.scalars(
+                select(Module).where(Module.namespace == output_name.namespace, Module.name == output_name.name)
+                .order_by(Module.version.desc())
+            ).all()
+            for module in same_name:
+                if module.derivation is not None and module.derivation.identity == identity:
+                    return _module_info(module, created=False)
+            if same_name and not new_version:
+                raise NameConflictError(
+                    f"{output_name} already exists ({same_name[0].ref}) and was made differently: "
+                    "choose another --name, or pass --new-version to add a version"
+                )
+            earlier = session.scalars(
+                select(Derivation).where(Derivation.identity == identity).order_by(Derivation.module_id)
+            ).first()
+            reuse = (earlier.module.digest, earlier.results) if earlier is not None else None
+        if reuse is not None and self.store.exists(reuse[0]):
+            digest, results = reuse  # the same derivation was computed before: share its blob
+            size = self.store.local_path(digest).stat().st_size
+        else:
+            from registry.compose.engine import evaluate
+
+            digest, size, results = evaluate(plan, self.store, progress)
+        handler = adapter_type(plan.peft_type)
+        metadata = handler.describe(plan.config, read_header(self.store.local_path(digest)))
+
+        def attach(session: Session, module: Module) -> None:
+            session.add(Derivation(
+                module_id=module.id,
+                expression=expression,
+                canonical=plan.canonical,
+                method=plan.method.name,
+                method_version=plan.method.version,
+                parameters=plan.parameters,
+                results=results,
+                environment=_environment(),
+                identity=identity,
+                inputs=[
+                    DerivationInput(position=n, input_id=i.module_id, input_digest=i.digest, a=float(i.a), b=float(i.b))
+                    for n, i in enumerate(plan.inputs)
+                ],
+            ))
+
+        return self._register(
+            output_name, kind="derived", digest=digest, size_bytes=size, config=plan.config, metadata=metadata,
+            task=None, tags=[], description=description, source=None, attach=attach,
+        )
+
+    def _plan(
+        self, expression: str, method_name: str, rank: int | None, dtype: str | None, union: bool
+    ) -> tuple[OutputPlan | None, list[InputModule], str, list[str]]:
+        """Everything before tensors: (plan or None, inputs, canonical text, violations)."""
+        method = get_method(method_name)
+        tree, terms = parse_expression(expression)
+        with self._session() as session:
+            def resolve(ref: str) -> InputModule:
+                term = next(t for t in terms if t.ref == ref)
+                try:
+                    module = self._resolve(session, ref)
+                except (NotFoundError, AmbiguousReferenceError, InvalidNameError) as exc:
+                    raise type(exc)(f"{exc}\n{caret(expression, term.start, term.end)}") from None
+                return _input_module(module, position=terms.index(term))
+
+            inputs, canonical_text = bind_terms(tree, terms, resolve, expression)
+        plan, violations = build_plan(expression, canonical_text, inputs, method, {"rank": rank}, dtype, union)
+        return plan, inputs, canonical_text, violations
+
     # --- exporting and removing ---------------------------------------------------------------
 
     def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
@@ -450,6 +599,33 @@ def _file_sha256(path: Path) -> str:
 
 
 # --- rows to results --------------------------------------------------------------------------
+
+
+def _input_module(module: Module, position: int) -> InputModule:
+    return InputModule(
+        ref=module.ref, module_id=module.id, digest=module.digest, config_digest=module.config_digest,
+        peft_type=module.peft_type, composable=module.composable, unsupported=tuple(module.unsupported),
+        base_model=module.base_model, base_revision=module.base_revision, dtype=module.dtype,
+        layers=module.layers, config=module.config, a=Fraction(0), b=Fraction(0), position=position,
+    )
+
+
+def _environment() -> dict[str, Any]:
+    """The stack a derivation was computed with (bit-for-bit re-derivation depends on it)."""
+    import platform
+
+    import safetensors
+    import torch
+
+    from registry import __version__
+
+    return {
+        "pem_registry": __version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _info_fields(module: Module) -> dict[str, Any]:

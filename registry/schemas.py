@@ -77,3 +77,44 @@ class ModuleDetails(ModuleInfo):
     config: dict[str, Any] = Field(description="adapter_config.json as exported")
     source: dict[str, Any] | None
     provenance: Provenance | None
+
+
+class TermInfo(BaseModel):
+    """One distinct input of an expression, flattened (SEMANTICS.md section 2)."""
+
+    ref: str
+    digest: str
+    peft_type: str
+    a: float = Field(description="unsigned coefficient")
+    b: float = Field(description="signed coefficient")
+
+
+class OutputSummary(BaseModel):
+    peft_type: str
+    dtype: str
+    rank: int | None = Field(description="largest layer rank (LoRA)")
+    layers: int
+    num_parameters: int
+    size_bytes: int
+
+
+class Deviation(BaseModel):
+    """Relative Frobenius error of the ``module`` method's dW against the exact sum."""
+
+    overall: float
+    per_layer: dict[str, float]
+
+
+class CheckReport(BaseModel):
+    """``pem check --json``: what a composition would do, or every reason it cannot."""
+
+    expression: str
+    canonical: str
+    method: str
+    parameters: dict[str, Any]
+    composable: bool
+    violations: list[str]
+    terms: list[TermInfo]
+    output: OutputSummary | None
+    notes: list[str]
+    deviation: Deviation | None = None

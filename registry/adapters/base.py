@@ -40,14 +40,44 @@ class AdapterMetadata:
     unsupported: list[str] = field(default_factory=list)
 
 
+@dataclass
+class TypePlan:
+    """A type's plan for a composition's output, made from metadata alone."""
+
+    layers: list[str]
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (dtype, shape)
+    config: dict[str, Any]  # the output's adapter_config.json
+    parameters: dict[str, Any]  # the method's parameters, defaults resolved
+    notes: list[str]
+
+
 class AdapterType:
-    """Base class of the per-type adapters. Subclasses set ``peft_type`` and implement ``describe``."""
+    """Base class of the per-type adapters.
+
+    Subclasses set ``peft_type`` and implement ``describe`` (catalog metadata). Composable
+    types also implement ``plan_output`` (metadata only) and name a ``compute_module``, the
+    module holding their torch arithmetic, imported only when tensors are about to be read.
+    """
 
     peft_type: str = ""
     composable: bool = False
+    compute_module: str = ""
 
     def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
         raise NotImplementedError
+
+    def extra_violations(self, inputs: list[Any], method: str) -> list[str]:
+        """Type-specific reasons a composition is refused (beyond the common checks)."""
+        return []
+
+    def plan_output(self, inputs: list[Any], method: str, parameters: dict[str, Any], dtype: str) -> TypePlan:
+        raise NotImplementedError
+
+    def compute(self) -> Any:
+        """The module with ``compute_layer`` and ``finish`` (imports torch)."""
+        import importlib
+
+        return importlib.import_module(self.compute_module)
 
 
 # --- helpers shared by the types --------------------------------------------------------------

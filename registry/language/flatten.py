@@ -99,7 +99,14 @@ def flatten(expr: Expr, source_text: str | None = None) -> list[Term]:
     return _collect(expr, values)
 
 
-def _combine(node: BinOp, left: _Value, right: _Value, show, fail) -> _Value:  # type: ignore[no-untyped-def]
+def _combine(
+    node: BinOp,
+    left: _Value,
+    right: _Value,
+    show: Callable[[Expr], str],
+    fail: Callable[..., ExpressionTypeError],
+) -> _Value:
+    """The value of ``left op right``, or the type error it is."""
     op = node.op
     if op in "+-":
         if left is _MODULE and right is _MODULE:

@@ -12,6 +12,8 @@ from typing import Any
 from registry.adapters.base import (
     AdapterMetadata,
     AdapterType,
+    TypePlan,
+    module_key,
     common_dtype,
     pattern_value,
     positive_int,
@@ -19,6 +21,7 @@ from registry.adapters.base import (
     split_tensor_names,
     target_modules_list,
 )
+from registry.adapters.lora.plan import plan_output
 from registry.errors import InvalidAdapterError
 from registry.safetensors_io import SafetensorsHeader
 
@@ -48,6 +51,13 @@ def scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 class LoraType(AdapterType):
     peft_type = "LORA"
     composable = True
+    compute_module = "registry.adapters.lora.compute"
+
+    def extra_violations(self, inputs: list[Any], method: str) -> list[str]:
+        return rank_violations(inputs) if method == "module" else []
+
+    def plan_output(self, inputs: list[Any], method: str, parameters: dict[str, Any], dtype: str) -> TypePlan:
+        return plan_output(inputs, method, parameters, dtype)
 
     def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
         require_float(header)
@@ -122,3 +132,18 @@ class LoraType(AdapterType):
             "alpha": layer_alpha,
             "scaling": scaling(layer_alpha, expected_rank, use_rslora),
         }
+
+
+def rank_violations(inputs: list[Any]) -> list[str]:
+    """The ``module`` method adds factors element-wise: ranks must match layer by layer."""
+    violations = []
+    first = inputs[0]
+    for other in inputs[1:]:
+        for layer in sorted(set(first.layers) & set(other.layers)):
+            r1, r2 = first.layers[layer]["rank"], other.layers[layer]["rank"]
+            if r1 != r2:
+                violations.append(
+                    f"{first.ref} and {other.ref} have different ranks at {module_key(layer)}: {r1} vs {r2} "
+                    "(method 'module' needs equal ranks; use --method exact or svd)"
+                )
+    return violations

@@ -9,12 +9,14 @@ from typing import Any
 from registry.adapters.base import (
     AdapterMetadata,
     AdapterType,
+    TypePlan,
     common_dtype,
     module_key,
     require_float,
     split_tensor_names,
     target_modules_list,
 )
+from registry.adapters.ia3.plan import plan_output
 from registry.errors import InvalidAdapterError
 from registry.safetensors_io import SafetensorsHeader
 
@@ -33,6 +35,10 @@ def _is_feedforward(config: dict[str, Any], layer: str) -> bool:
 class IA3Type(AdapterType):
     peft_type = "IA3"
     composable = True
+    compute_module = "registry.adapters.ia3.compute"
+
+    def plan_output(self, inputs: list[Any], method: str, parameters: dict[str, Any], dtype: str) -> TypePlan:
+        return plan_output(inputs, method, parameters, dtype)
 
     def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
         require_float(header)

@@ -1,0 +1,5 @@
+"""(IA)^3: catalog metadata (catalog.py) and arithmetic (compose.py, imports torch)."""
+
+from registry.adapters.ia3.catalog import IA3Type
+
+__all__ = ["IA3Type"]

@@ -1,0 +1,5 @@
+"""LoRA: catalog metadata (catalog.py) and arithmetic (compose.py, imports torch)."""
+
+from registry.adapters.lora.catalog import LoraType
+
+__all__ = ["LoraType"]

@@ -1,0 +1,240 @@
+"""From an expression to a checked plan, on catalog metadata alone (no tensor is read).
+
+The steps: parse and type-check the expression (``registry.language``), resolve its
+references, merge terms that name the same module, check compatibility (SEMANTICS.md
+section 4: every violation at once), then let the PEFT type plan the output: its layers,
+tensor shapes, dtype and adapter config. Only a plan that passed every check reaches the
+engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import Any, Callable
+
+from registry.adapters.base import module_key
+from registry.errors import IncompatibleModulesError, UnsupportedMethodError
+from registry.language import Term, canonical, flatten, merge_terms, parse
+from registry.methods import Method
+from registry.adapters import adapter_type
+from registry.safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, canonical_header
+
+OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+@dataclass(frozen=True)
+class InputModule:
+    """One distinct input of a composition, with its coefficients."""
+
+    ref: str  # NS/NAME@VERSION
+    module_id: int
+    digest: str
+    config_digest: str
+    peft_type: str
+    composable: bool
+    unsupported: tuple[str, ...]
+    base_model: str
+    base_revision: str | None
+    dtype: str
+    layers: dict[str, dict[str, Any]]
+    config: dict[str, Any]
+    a: Fraction
+    b: Fraction
+    position: int = 0  # first appearance in the expression (for display)
+
+
+@dataclass
+class OutputPlan:
+    """What the composition will write, decided before any tensor is read."""
+
+    method: Method
+    parameters: dict[str, Any]
+    inputs: list[InputModule]  # in canonical (computation) order
+    peft_type: str
+    dtype: str  # safetensors dtype of the output, e.g. "F32"
+    layers: list[str]  # every output layer, sorted
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # output tensor name -> (dtype, shape)
+    config: dict[str, Any]
+    expression: str
+    canonical: str
+    union: bool
+    notes: list[str] = field(default_factory=list)  # caveats to show the user
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.tensors.values())
+
+    @property
+    def size_bytes(self) -> int:
+        header, _ = canonical_header((name, dtype, shape) for name, (dtype, shape) in self.tensors.items())
+        return len(header) + sum(DTYPE_SIZES[dtype] * math.prod(shape) for dtype, shape in self.tensors.values())
+
+    @property
+    def max_rank(self) -> int | None:
+        ranks = [shape[0] for name, (_, shape) in self.tensors.items() if name.endswith(".lora_A.weight")]
+        return max(ranks) if ranks else None
+
+    def identity(self) -> str:
+        """A hash of everything that determines the output's bytes: method and version,
+        parameters, output dtype, and each input's content, config and coefficients."""
+        payload = {
+            "method": self.method.name,
+            "method_version": self.method.version,
+            "parameters": self.parameters,
+            "inputs": [[i.digest, i.config_digest, str(i.a), str(i.b)] for i in self.inputs],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def parse_expression(expression: str) -> tuple[Any, list[Term]]:
+    tree = parse(expression)
+    return tree, flatten(tree, expression)
+
+
+def bind_terms(
+    tree: Any, terms: list[Term], resolve: Callable[[str], InputModule], expression: str
+) -> tuple[list[InputModule], str]:
+    """Resolve each term's reference and merge terms naming the same module. Returns the
+    inputs in canonical order (by digest, then config) and the canonical expression text."""
+    resolved = {t.ref: resolve(t.ref) for t in terms}
+    merged = merge_terms(terms, key=lambda ref: resolved[ref].module_id)
+    inputs = []
+    for term in merged:
+        module = resolved[term.ref]
+        inputs.append(_with_coefficients(module, term.a, term.b))
+    inputs.sort(key=lambda i: (i.digest, i.config_digest))
+    return inputs, canonical(tree, rename=lambda ref: resolved[ref].ref)
+
+
+def _with_coefficients(module: InputModule, a: Fraction, b: Fraction) -> InputModule:
+    return replace(module, a=a, b=b)
+
+
+def build_plan(
+    expression: str,
+    canonical_text: str,
+    inputs: list[InputModule],
+    method: Method,
+    parameters: dict[str, Any],
+    dtype: str | None,
+    union: bool,
+) -> tuple[OutputPlan | None, list[str]]:
+    """Check the inputs and plan the output. Returns (plan, []) or (None, violations)."""
+    violations = check_compatibility(inputs, method, union)
+    if violations:
+        return None, violations
+    handler = adapter_type(inputs[0].peft_type)
+    violations = handler.extra_violations(inputs, method.name)
+    if violations:
+        return None, violations
+    out_dtype = output_dtype(inputs, dtype)
+    typed = handler.plan_output(inputs, method.name, method.validate(parameters), out_dtype)
+    plan = OutputPlan(
+        method=method,
+        parameters={**typed.parameters, "union": union, "dtype": out_dtype},
+        inputs=inputs,
+        peft_type=handler.peft_type,
+        dtype=out_dtype,
+        layers=typed.layers,
+        tensors=typed.tensors,
+        config=typed.config,
+        expression=expression,
+        canonical=canonical_text,
+        union=union,
+        notes=typed.notes,
+    )
+    return plan, []
+
+
+def output_dtype(inputs: list[InputModule], requested: str | None) -> str:
+    if requested is not None:
+        if requested not in OUTPUT_DTYPES:
+            raise UnsupportedMethodError(f"unknown dtype {requested!r}: use one of {', '.join(OUTPUT_DTYPES)}")
+        return OUTPUT_DTYPES[requested]
+    dtypes = {i.dtype for i in inputs}
+    if len(dtypes) == 1 and next(iter(dtypes)) in FLOAT_DTYPES:
+        return next(iter(dtypes))
+    return "F64" if "F64" in dtypes else "F32"  # mixed inputs: the widest float in use
+
+
+# --- compatibility (SEMANTICS.md section 4) ---------------------------------------------------
+
+
+def check_compatibility(inputs: list[InputModule], method: Method, union: bool) -> list[str]:
+    """Every reason the inputs cannot be composed with ``method``; empty when they can."""
+    violations: list[str] = []
+    for module in inputs:
+        if module.unsupported:
+            violations.append(
+                f"{module.ref} uses {', '.join(module.unsupported)}, whose arithmetic is not defined: "
+                "it cannot be composed"
+            )
+        elif module.peft_type not in method.peft_types:
+            violations.append(
+                f"method {method.name!r} does not apply to {module.peft_type} ({module.ref}); "
+                f"it takes {', '.join(sorted(method.peft_types))}"
+            )
+    first = inputs[0]
+    for other in inputs[1:]:
+        pair = f"{first.ref} and {other.ref}"
+        if other.peft_type != first.peft_type:
+            violations.append(f"{pair} have different PEFT types: {first.peft_type} vs {other.peft_type}")
+            continue
+        if other.base_model != first.base_model:
+            violations.append(
+                f"{pair} have different base models: {first.base_model} vs {other.base_model} "
+                f"(port one with `pem port` first)"
+            )
+        elif first.base_revision and other.base_revision and first.base_revision != other.base_revision:
+            violations.append(
+                f"{pair} have different base model revisions: {first.base_revision} vs {other.base_revision}"
+            )
+        ff_a, ff_b = bool(first.config.get("fan_in_fan_out")), bool(other.config.get("fan_in_fan_out"))
+        if ff_a != ff_b:
+            violations.append(f"{pair} differ in fan_in_fan_out: {ff_a} vs {ff_b}")
+        violations.extend(_layer_violations(first, other, union))
+    return violations
+
+
+def _layer_violations(first: InputModule, other: InputModule, union: bool) -> list[str]:
+    pair = f"{first.ref} and {other.ref}"
+    violations = []
+    only_first = sorted(set(first.layers) - set(other.layers))
+    only_other = sorted(set(other.layers) - set(first.layers))
+    if (only_first or only_other) and not union:
+        parts = []
+        if only_first:
+            parts.append(f"{len(only_first)} only in {first.ref} (e.g. {module_key(only_first[0])})")
+        if only_other:
+            parts.append(f"{len(only_other)} only in {other.ref} (e.g. {module_key(only_other[0])})")
+        violations.append(f"{pair} adapt different layers: {'; '.join(parts)}; pass --union to compose the union")
+    for layer in sorted(set(first.layers) & set(other.layers)):
+        left, right = first.layers[layer], other.layers[layer]
+        if _io_shape(left) != _io_shape(right):
+            violations.append(
+                f"{pair} have different shapes at {module_key(layer)}: {_describe_shape(left)} vs {_describe_shape(right)}"
+            )
+        if left.get("feedforward") != right.get("feedforward"):
+            violations.append(f"{pair} disagree on whether {module_key(layer)} is a feed-forward module")
+    return violations
+
+
+def _io_shape(layer: dict[str, Any]) -> Any:
+    """The shape a layer's update must have, independent of rank."""
+    params = layer["params"]
+    if "lora_A" in params:
+        return (params["lora_B"][0], params["lora_A"][1])
+    return tuple(tuple(s) for _, s in sorted(params.items()))
+
+
+def _describe_shape(layer: dict[str, Any]) -> str:
+    return " ".join(f"{p} {s}" for p, s in sorted(layer["params"].items()))
+
+
+def raise_if(violations: list[str]) -> None:
+    if violations:
+        raise IncompatibleModulesError(violations)
