@@ -164,9 +164,10 @@ class HashingWriter:
         self.bytes_written = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        self._hash.update(data)
-        self._file.write(data)
-        self.bytes_written += len(data)
+        view = memoryview(data).cast("B")  # count bytes, not rows of a multi-dimensional buffer
+        self._hash.update(view)
+        self._file.write(view)
+        self.bytes_written += view.nbytes
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()

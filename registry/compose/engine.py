@@ -104,6 +104,8 @@ def tensor_layers(plan: OutputPlan) -> dict[str, str]:
     for name in plan.tensors:
         layer = name
         while layer not in layers:
+            if "." not in layer:
+                raise AssertionError(f"output tensor {name} belongs to no planned layer")
             layer = layer.rpartition(".")[0]
         mapping[name] = layer
     return mapping
