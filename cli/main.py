@@ -164,6 +164,7 @@ def add(registry: Any, path: str, name: str, tags: tuple[str, ...], as_json: boo
 @click.option("--rank", type=int, help="Only LoRA modules of this rank.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only modules with this tag; repeatable.")
 @click.option("--kind", type=click.Choice(["trained", "derived", "ported", "pulled"]), help="Only this kind.")
+@click.option("--derived-from", help="Only modules derived (transitively) from this reference.")
 @click.option("--latest", is_flag=True, help="Only the latest version of each name.")
 @json_option
 @with_registry
@@ -344,6 +345,87 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+# --- provenance -------------------------------------------------------------------------------
+
+
+@pem.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (nodes and edges).")
+@click.option("--format", "fmt", type=click.Choice(["tree", "dot", "mermaid"]), default="tree", show_default=True)
+@with_registry
+def lineage(registry: Any, ref: str, as_json: bool, fmt: str) -> None:
+    """What REF is made of: its ancestors down to modules that were not derived."""
+    from registry import render
+
+    graph = registry.lineage(ref)
+    if as_json:
+        echo_json(graph)
+    else:
+        click.echo({"tree": render.tree, "dot": render.dot, "mermaid": render.mermaid}[fmt](graph))
+
+
+@pem.command()
+@click.argument("ref")
+@json_option
+@with_registry
+def descendants(registry: Any, ref: str, as_json: bool) -> None:
+    """What was built from REF, transitively, with the path to each."""
+    found = registry.descendants(ref)
+    if as_json:
+        echo_json(found)
+    elif not found:
+        click.echo(f"nothing was derived from {registry.resolve(ref).ref}")
+    else:
+        for item in found:
+            click.echo(f"{item.ref}  ({item.kind}, depth {item.depth})  via {' > '.join(item.path)}")
+
+
+@pem.command()
+@click.argument("ref")
+@json_option
+@with_registry
+def contents(registry: Any, ref: str, as_json: bool) -> None:
+    """The effective weight of each non-derived module inside REF."""
+    result = registry.contents(ref)
+    if as_json:
+        echo_json(result)
+        return
+    approximate = "" if result.root_linear else " (non-linear method: it approximates)"
+    click.echo(f"{result.root}{approximate} contains:")
+
+    def show(terms: list[Any], indent: str) -> None:
+        for term in terms:
+            opaque = "  (opaque: non-linear; its contents below)" if term.opaque else ""
+            click.echo(f"{indent}{term.b:+.6g}  {term.ref}  (a={term.a:.6g}, {term.kind}){opaque}")
+            if term.contents:
+                show(term.contents, indent + "    ")
+
+    show(result.terms, "  ")
+
+
+@pem.command()
+@click.argument("ref", required=False)
+@click.option("--all", "check_all", is_flag=True, help="Verify every module.")
+@json_option
+@with_registry
+def verify(registry: Any, ref: str | None, check_all: bool, as_json: bool) -> None:
+    """Check blobs against their digests and re-run derivations; exits 1 on any failure."""
+    if (ref is None) == (not check_all):
+        raise click.UsageError("give a REF or --all")
+    with _progress("verifying") as progress:
+        report = registry.verify(None if check_all else ref, progress=progress)
+    if as_json:
+        echo_json(report)
+    else:
+        for note in report.notes:
+            click.echo(f"note: {note}")
+        for failure in report.failures:
+            click.echo(f"FAILED {failure.ref}: {failure.problem}")
+        click.echo(f"{report.checked} checked, {report.rederived} re-derived, {len(report.failures)} failed")
+    if not report.ok:
+        sys.exit(1)
 
 
 def main() -> None:

@@ -24,12 +24,13 @@ from typing import Any, Iterator
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from registry.adapters import AdapterMetadata, adapter_type
 from registry.config import Settings
 from registry.db import migrate
 from registry.db.engine import current_revision, make_engine, make_sessionmaker, require_current_schema
+from registry import lineage as lineage_queries
 from registry.compose.plan import InputModule, OutputPlan, bind_terms, build_plan, parse_expression
 from registry.db.models import Blob, Derivation, DerivationInput, Module, Tag
 from registry.errors import (
@@ -52,13 +53,20 @@ from registry.refs import ModuleName, Reference, parse_module_name, parse_refere
 from registry.safetensors_io import SafetensorsHeader, copy_canonical, read_header
 from registry.schemas import (
     CheckReport,
+    ContentTerm,
+    Contents,
+    Descendant,
     Deviation,
+    Lineage,
+    LineageEdge,
+    LineageNode,
     ModuleDetails,
     ModuleInfo,
     OutputSummary,
     Provenance,
     ProvenanceInput,
     TermInfo,
+    VerifyReport,
 )
 from registry.store import BlobStore, open_store
 
@@ -297,9 +305,11 @@ class Registry:
         rank: int | None = None,
         tags: dict[str, str] | None = None,
         kind: str | None = None,
+        derived_from: str | None = None,
         latest: bool = False,
     ) -> list[ModuleInfo]:
-        """Registered modules matching every given filter, by name then version."""
+        """Registered modules matching every given filter, by name then version.
+        ``derived_from`` keeps modules made (transitively) from that reference."""
         query = select(Module)
         if base_model is not None:
             query = query.where(Module.base_model == base_model)
@@ -327,7 +337,11 @@ class Registry:
             )
         query = query.order_by(Module.namespace, Module.name, Module.version)
         with self._session() as session:
-            return [_module_info(m) for m in session.scalars(query)]
+            if derived_from is not None:
+                root = self._resolve(session, derived_from)
+                ids = lineage_queries.descendant_ids(root.id)
+                query = query.where(Module.id.in_(select(ids.c.id)), Module.id != root.id)
+            return [_module_info(m) for m in session.scalars(query.options(*_LIST_COLUMNS_ONLY))]
 
     def resolve(self, ref: str) -> ModuleInfo:
         """What a reference points at (without layers and config)."""
@@ -504,11 +518,89 @@ class Registry:
                     module = self._resolve(session, ref)
                 except (NotFoundError, AmbiguousReferenceError, InvalidNameError) as exc:
                     raise type(exc)(f"{exc}\n{caret(expression, term.start, term.end)}") from None
-                return _input_module(module, position=terms.index(term))
+                return InputModule.from_row(module, position=terms.index(term))
 
             inputs, canonical_text = bind_terms(tree, terms, resolve, expression)
         plan, violations = build_plan(expression, canonical_text, inputs, method, {"rank": rank}, dtype, union)
         return plan, inputs, canonical_text, violations
+
+    # --- provenance queries -------------------------------------------------------------------
+
+    def lineage(self, ref: str) -> Lineage:
+        """The ancestor graph of ``ref`` down to modules that were not derived."""
+        with self._session() as session:
+            root = self._resolve(session, ref)
+            ids = lineage_queries.ancestor_ids(root.id)
+            modules = lineage_queries.modules_by_id(session, ids)
+            edges = lineage_queries.edges_into(session, ids)
+            derivations = {
+                d.module_id: d for d in session.scalars(select(Derivation).where(Derivation.module_id.in_(list(modules))))
+            }
+            nodes = [
+                LineageNode(
+                    ref=m.ref, digest=m.digest, kind=m.kind, peft_type=m.peft_type,
+                    method=derivations[m.id].method if m.id in derivations else None,
+                    expression=derivations[m.id].canonical if m.id in derivations else None,
+                )
+                for m in sorted(modules.values(), key=lambda m: (m.id != root.id, m.namespace, m.name, m.version))
+            ]
+            return Lineage(
+                root=root.ref,
+                nodes=nodes,
+                edges=[
+                    LineageEdge(output=modules[e.module_id].ref, input=modules[e.input_id].ref, method=e.method, a=e.a, b=e.b)
+                    for e in edges
+                ],
+            )
+
+    def descendants(self, ref: str) -> list[Descendant]:
+        """Every module derived from ``ref``, transitively, with a shortest path to it."""
+        with self._session() as session:
+            root = self._resolve(session, ref)
+            ids = lineage_queries.descendant_ids(root.id)
+            modules = lineage_queries.modules_by_id(session, ids)
+            edges = lineage_queries.edges_into(session, ids)
+            paths = lineage_queries.shortest_paths(root.id, edges)
+            found = [
+                Descendant(ref=modules[i].ref, kind=modules[i].kind, depth=len(p) - 1, path=[modules[n].ref for n in p])
+                for i, p in paths.items() if i != root.id
+            ]
+            return sorted(found, key=lambda d: (d.depth, d.ref))
+
+    def contents(self, ref: str) -> Contents:
+        """The effective weight of each non-derived ancestor inside ``ref``; modules made by a
+        non-linear method are opaque terms with their own contents nested."""
+        with self._session() as session:
+            root = self._resolve(session, ref)
+            linear = root.derivation is None or root.derivation.method in lineage_queries.LINEAR_METHODS
+            return Contents(root=root.ref, root_linear=linear, terms=self._content_terms(session, root.id))
+
+    def _content_terms(self, session: Session, root_id: int) -> list[ContentTerm]:
+        weights = lineage_queries.effective_weights(session, root_id)
+        ids = [module_id for module_id, _, _ in weights]
+        modules = {m.id: m for m in session.scalars(select(Module).where(Module.id.in_(ids)))}
+        derived = set(session.scalars(select(Derivation.module_id).where(Derivation.module_id.in_(ids))))
+        terms = []
+        for module_id, a, b in weights:
+            module = modules[module_id]
+            opaque = module_id in derived and module_id != root_id
+            terms.append(ContentTerm(
+                ref=module.ref, digest=module.digest, kind=module.kind, a=a, b=b, opaque=opaque,
+                contents=self._content_terms(session, module_id) if opaque else None,
+            ))
+        return sorted(terms, key=lambda t: t.ref)
+
+    def verify(self, ref: str | None = None, *, progress: Any = None) -> VerifyReport:
+        """Check blobs against their digests and re-run derivations (all modules when ``ref``
+        is None). Read-only: re-derivations are computed in a scratch store and discarded."""
+        from registry.verify import verify_modules
+
+        with self._session() as session:
+            if ref is None:
+                modules = list(session.scalars(select(Module).order_by(Module.id)))
+            else:
+                modules = [self._resolve(session, ref)]
+            return verify_modules(self, session, modules, progress)
 
     # --- exporting and removing ---------------------------------------------------------------
 
@@ -601,15 +693,6 @@ def _file_sha256(path: Path) -> str:
 # --- rows to results --------------------------------------------------------------------------
 
 
-def _input_module(module: Module, position: int) -> InputModule:
-    return InputModule(
-        ref=module.ref, module_id=module.id, digest=module.digest, config_digest=module.config_digest,
-        peft_type=module.peft_type, composable=module.composable, unsupported=tuple(module.unsupported),
-        base_model=module.base_model, base_revision=module.base_revision, dtype=module.dtype,
-        layers=module.layers, config=module.config, a=Fraction(0), b=Fraction(0), position=position,
-    )
-
-
 def _environment() -> dict[str, Any]:
     """The stack a derivation was computed with (bit-for-bit re-derivation depends on it)."""
     import platform
@@ -626,6 +709,10 @@ def _environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+# list() never needs the large JSON columns: leave them in the database.
+_LIST_COLUMNS_ONLY = (defer(Module.layers), defer(Module.config), defer(Module.source))
 
 
 def _info_fields(module: Module) -> dict[str, Any]:

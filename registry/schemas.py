@@ -118,3 +118,76 @@ class CheckReport(BaseModel):
     output: OutputSummary | None
     notes: list[str]
     deviation: Deviation | None = None
+
+
+# --- provenance queries -----------------------------------------------------------------------
+
+
+class LineageNode(BaseModel):
+    ref: str
+    digest: str
+    kind: Kind
+    peft_type: str
+    method: str | None = Field(description="how it was made, for derived and ported modules")
+    expression: str | None = Field(description="canonical expression, for derived modules")
+
+
+class LineageEdge(BaseModel):
+    """``output`` was made from ``input`` with coefficients ``a``, ``b``."""
+
+    output: str
+    input: str
+    method: str
+    a: float
+    b: float
+
+
+class Lineage(BaseModel):
+    """``pem lineage --json``: the ancestor graph of ``root``; each module appears once."""
+
+    root: str
+    nodes: list[LineageNode]
+    edges: list[LineageEdge]
+
+
+class Descendant(BaseModel):
+    ref: str
+    kind: Kind
+    depth: int
+    path: list[str] = Field(description="refs from the queried module to this one (a shortest path)")
+
+
+class ContentTerm(BaseModel):
+    """The effective weight of a module inside another, through every linear path."""
+
+    ref: str
+    digest: str
+    kind: Kind
+    a: float
+    b: float
+    opaque: bool = Field(description="derived by a non-linear method (svd): its own contents are nested")
+    contents: list["ContentTerm"] | None = None
+
+
+class Contents(BaseModel):
+    """``pem contents --json``."""
+
+    root: str
+    root_linear: bool = Field(description="False when root was made by a non-linear method (svd): "
+                              "its terms are what it approximates")
+    terms: list[ContentTerm]
+
+
+class VerifyFailure(BaseModel):
+    ref: str
+    problem: str
+
+
+class VerifyReport(BaseModel):
+    """``pem verify --json``. ``ok`` is False when any module failed."""
+
+    checked: int
+    rederived: int
+    ok: bool
+    failures: list[VerifyFailure]
+    notes: list[str]

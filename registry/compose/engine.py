@@ -111,15 +111,18 @@ def tensor_layers(plan: OutputPlan) -> dict[str, str]:
     return mapping
 
 
-def evaluate(plan: OutputPlan, store: BlobStore, progress: Progress | None = None) -> tuple[str, int, dict[str, Any]]:
-    """Compute the plan's output into the store. Returns (digest, size in bytes, results)."""
+def evaluate(
+    plan: OutputPlan, store: BlobStore, progress: Progress | None = None, output_store: BlobStore | None = None
+) -> tuple[str, int, dict[str, Any]]:
+    """Compute the plan's output from the inputs in ``store`` into ``output_store`` (default:
+    the same store). Returns (digest, size in bytes, results)."""
     compute = adapter_type(plan.peft_type).compute()
     work = work_dtype(plan)
     out_dtype = torch_dtype(plan.dtype)
     layer_of = tensor_layers(plan)
     stats: dict[str, float] = {}
     header_bytes, _ = canonical_header((n, d, s) for n, (d, s) in plan.tensors.items())
-    with ExitStack() as stack, store.writer() as writer:
+    with ExitStack() as stack, (output_store or store).writer() as writer:
         writer.write(header_bytes)
         source = LayerSource(plan, store, stack)
         pending: dict[str, torch.Tensor] = {}

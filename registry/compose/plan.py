@@ -46,6 +46,16 @@ class InputModule:
     b: Fraction
     position: int = 0  # first appearance in the expression (for display)
 
+    @classmethod
+    def from_row(cls, module: Any, position: int = 0, a: Fraction = Fraction(0), b: Fraction = Fraction(0)) -> "InputModule":
+        """From a catalog row (registry.db.models.Module)."""
+        return cls(
+            ref=module.ref, module_id=module.id, digest=module.digest, config_digest=module.config_digest,
+            peft_type=module.peft_type, composable=module.composable, unsupported=tuple(module.unsupported),
+            base_model=module.base_model, base_revision=module.base_revision, dtype=module.dtype,
+            layers=module.layers, config=module.config, a=a, b=b, position=position,
+        )
+
 
 @dataclass
 class OutputPlan:
@@ -152,6 +162,8 @@ def build_plan(
 
 def output_dtype(inputs: list[InputModule], requested: str | None) -> str:
     if requested is not None:
+        if requested in FLOAT_DTYPES:  # already a safetensors name (as provenance records it)
+            return requested
         if requested not in OUTPUT_DTYPES:
             raise UnsupportedMethodError(f"unknown dtype {requested!r}: use one of {', '.join(OUTPUT_DTYPES)}")
         return OUTPUT_DTYPES[requested]

@@ -1,0 +1,102 @@
+"""Graph queries over the derivation graph, in SQL (recursive CTEs that run on SQLite and
+PostgreSQL), never by walking rows one at a time from Python.
+
+Edges are ``derivation_inputs`` rows: ``module_id`` was made from ``input_id`` with
+coefficients ``a`` (unsigned) and ``b`` (signed). Derivations only reference modules that
+existed before them, so the graph is acyclic.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from sqlalchemy import Integer, and_, func, literal, or_, select
+from sqlalchemy.orm import Session
+
+from registry.db.models import Derivation, DerivationInput, Module
+from registry.methods import METHODS
+
+# Steps whose coefficients compose along paths (pem contents multiplies through them).
+LINEAR_METHODS = sorted([name for name, m in METHODS.items() if m.linear] + ["port"])
+
+
+def ancestor_ids(root_id: int):
+    """A CTE of ``root_id`` and every module it was derived from, transitively (each once)."""
+    base = select(literal(root_id, Integer).label("id"))
+    cte = base.cte("ancestors", recursive=True)
+    step = select(DerivationInput.input_id).join(cte, DerivationInput.module_id == cte.c.id)
+    return cte.union(step)
+
+
+def descendant_ids(root_id: int):
+    """A CTE of ``root_id`` and every module derived from it, transitively (each once)."""
+    base = select(literal(root_id, Integer).label("id"))
+    cte = base.cte("descendants", recursive=True)
+    step = select(DerivationInput.module_id).join(cte, DerivationInput.input_id == cte.c.id)
+    return cte.union(step)
+
+
+def edges_into(session: Session, ids_cte: Any) -> list[Any]:
+    """Every edge whose output is in ``ids_cte``, with its method (one query)."""
+    query = (
+        select(
+            DerivationInput.module_id, DerivationInput.input_id, DerivationInput.a, DerivationInput.b,
+            DerivationInput.position, Derivation.method,
+        )
+        .join(Derivation, Derivation.module_id == DerivationInput.module_id)
+        .where(DerivationInput.module_id.in_(select(ids_cte.c.id)))
+        .order_by(DerivationInput.module_id, DerivationInput.position)
+    )
+    return list(session.execute(query))
+
+
+def modules_by_id(session: Session, ids_cte: Any) -> dict[int, Module]:
+    rows = session.scalars(select(Module).where(Module.id.in_(select(ids_cte.c.id))))
+    return {m.id: m for m in rows}
+
+
+def shortest_paths(root_id: int, edges: list[Any]) -> dict[int, list[int]]:
+    """Breadth-first over the returned edges (output <- input): the shortest path from the
+    root to each descendant."""
+    children: dict[int, list[int]] = {}
+    for edge in edges:
+        children.setdefault(edge.input_id, []).append(edge.module_id)
+    paths = {root_id: [root_id]}
+    queue = deque([root_id])
+    while queue:
+        node = queue.popleft()
+        for child in sorted(children.get(node, [])):
+            if child not in paths:
+                paths[child] = paths[node] + [child]
+                queue.append(child)
+    return paths
+
+
+def effective_weights(session: Session, root_id: int) -> list[tuple[int, float, float]]:
+    """(module id, a, b) of each module where the linear walk from ``root_id`` stops: a
+    module that was not derived, or one derived by a non-linear method. Coefficients
+    multiply along a path and add over paths (SEMANTICS.md section 2). The root's own
+    derivation is always opened, whatever its method, so that the contents of a non-linear
+    module are its inputs' contents; a root that was not derived contains itself."""
+    root_derived = session.scalar(select(Derivation.module_id).where(Derivation.module_id == root_id)) is not None
+    walk = select(
+        literal(root_id, Integer).label("id"), literal(1.0).label("a"), literal(1.0).label("b")
+    ).cte("walk", recursive=True)
+    opened = or_(Derivation.method.in_(LINEAR_METHODS), walk.c.id == root_id)
+    step = (
+        select(DerivationInput.input_id, walk.c.a * DerivationInput.a, walk.c.b * DerivationInput.b)
+        .join(walk, DerivationInput.module_id == walk.c.id)
+        .join(Derivation, and_(Derivation.module_id == walk.c.id, opened))
+    )
+    walk = walk.union_all(step)
+    linear_outputs = select(Derivation.module_id).where(Derivation.method.in_(LINEAR_METHODS))
+    query = (
+        select(walk.c.id, func.sum(walk.c.a), func.sum(walk.c.b))
+        .where(walk.c.id.not_in(linear_outputs))
+        .group_by(walk.c.id)
+        .order_by(walk.c.id)
+    )
+    if root_derived:
+        query = query.where(walk.c.id != root_id)
+    return [(row[0], float(row[1]), float(row[2])) for row in session.execute(query)]
