@@ -166,6 +166,7 @@ def add(registry: Any, path: str, name: str, tags: tuple[str, ...], as_json: boo
 @click.option("--kind", type=click.Choice(["trained", "derived", "ported", "pulled"]), help="Only this kind.")
 @click.option("--derived-from", help="Only modules derived (transitively) from this reference.")
 @click.option("--latest", is_flag=True, help="Only the latest version of each name.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many (in name order).")
 @json_option
 @with_registry
 def list_(registry: Any, tags: tuple[str, ...], as_json: bool, **filters: Any) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, defer, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from registry.adapters import AdapterMetadata, adapter_type
 from registry.config import Settings
@@ -307,10 +307,12 @@ class Registry:
         kind: str | None = None,
         derived_from: str | None = None,
         latest: bool = False,
+        limit: int | None = None,
     ) -> list[ModuleInfo]:
         """Registered modules matching every given filter, by name then version.
-        ``derived_from`` keeps modules made (transitively) from that reference."""
-        query = select(Module)
+        ``derived_from`` keeps modules made (transitively) from that reference; ``limit``
+        returns at most that many."""
+        query = select(*_INFO_COLUMNS)
         if base_model is not None:
             query = query.where(Module.base_model == base_model)
         if peft_type is not None:
@@ -324,24 +326,27 @@ class Registry:
         for key, value in (tags or {}).items():
             query = query.where(Module.tags.any((Tag.key == key) & (Tag.value == value)))
         if latest:
-            newest = (
-                select(Module.namespace, Module.name, func.max(Module.version).label("version"))
-                .group_by(Module.namespace, Module.name)
-                .subquery()
+            newer = aliased(Module)
+            query = query.where(
+                ~select(newer.id).where(
+                    newer.namespace == Module.namespace, newer.name == Module.name, newer.version > Module.version
+                ).exists()
             )
-            query = query.join(
-                newest,
-                (Module.namespace == newest.c.namespace)
-                & (Module.name == newest.c.name)
-                & (Module.version == newest.c.version),
-            )
-        query = query.order_by(Module.namespace, Module.name, Module.version)
         with self._session() as session:
             if derived_from is not None:
                 root = self._resolve(session, derived_from)
                 ids = lineage_queries.descendant_ids(root.id)
                 query = query.where(Module.id.in_(select(ids.c.id)), Module.id != root.id)
-            return [_module_info(m) for m in session.scalars(query.options(*_LIST_COLUMNS_ONLY))]
+            rows = session.execute(query.order_by(Module.namespace, Module.name, Module.version).limit(limit)).all()
+            tags_by_module: dict[int, dict[str, str]] = {}
+            if rows:
+                matching = [row.id for row in rows] if limit is not None else query.with_only_columns(Module.id)
+                for tag in session.execute(
+                    select(Tag.module_id, Tag.key, Tag.value).where(Tag.module_id.in_(matching)).order_by(Tag.key)
+                ):
+                    tags_by_module.setdefault(tag.module_id, {})[tag.key] = tag.value
+        # Rows come from typed columns: construct without re-validating each field.
+        return [ModuleInfo.model_construct(**_info_fields(row, tags_by_module.get(row.id, {}))) for row in rows]
 
     def resolve(self, ref: str) -> ModuleInfo:
         """What a reference points at (without layers and config)."""
@@ -534,7 +539,10 @@ class Registry:
             modules = lineage_queries.modules_by_id(session, ids)
             edges = lineage_queries.edges_into(session, ids)
             derivations = {
-                d.module_id: d for d in session.scalars(select(Derivation).where(Derivation.module_id.in_(list(modules))))
+                row.module_id: row for row in session.execute(
+                    select(Derivation.module_id, Derivation.method, Derivation.canonical)
+                    .where(Derivation.module_id.in_(select(ids.c.id)))
+                )
             }
             nodes = [
                 LineageNode(
@@ -542,7 +550,7 @@ class Registry:
                     method=derivations[m.id].method if m.id in derivations else None,
                     expression=derivations[m.id].canonical if m.id in derivations else None,
                 )
-                for m in sorted(modules.values(), key=lambda m: (m.id != root.id, m.namespace, m.name, m.version))
+                for m in sorted(modules.values(), key=lambda m: (m.id != root.id, m.ref))
             ]
             return Lineage(
                 root=root.ref,
@@ -561,8 +569,11 @@ class Registry:
             modules = lineage_queries.modules_by_id(session, ids)
             edges = lineage_queries.edges_into(session, ids)
             paths = lineage_queries.shortest_paths(root.id, edges)
+            ref_of = {i: node.ref for i, node in modules.items()}
             found = [
-                Descendant(ref=modules[i].ref, kind=modules[i].kind, depth=len(p) - 1, path=[modules[n].ref for n in p])
+                Descendant.model_construct(
+                    ref=ref_of[i], kind=modules[i].kind, depth=len(p) - 1, path=[ref_of[n] for n in p]
+                )
                 for i, p in paths.items() if i != root.id
             ]
             return sorted(found, key=lambda d: (d.depth, d.ref))
@@ -711,15 +722,21 @@ def _environment() -> dict[str, Any]:
     }
 
 
-# list() never needs the large JSON columns: leave them in the database.
-_LIST_COLUMNS_ONLY = (defer(Module.layers), defer(Module.config), defer(Module.source))
+# Columns of a ModuleInfo, selected directly by list(): no ORM objects, no large JSON.
+_INFO_COLUMNS = (
+    Module.id, Module.namespace, Module.name, Module.version, Module.digest, Module.kind, Module.peft_type,
+    Module.composable, Module.base_model, Module.base_revision, Module.task, Module.task_type, Module.rank,
+    Module.lora_alpha, Module.use_rslora, Module.use_dora, Module.target_modules, Module.dtype,
+    Module.num_parameters, Module.size_bytes, Module.owner, Module.description, Module.created_at,
+)
 
 
-def _info_fields(module: Module) -> dict[str, Any]:
+def _info_fields(module: Any, tags: dict[str, str]) -> dict[str, Any]:
+    """ModuleInfo fields from a Module row or a row of _INFO_COLUMNS."""
     return dict(
-        name=module.full_name,
+        name=f"{module.namespace}/{module.name}",
         version=module.version,
-        ref=module.ref,
+        ref=f"{module.namespace}/{module.name}@{module.version}",
         digest=module.digest,
         kind=module.kind,
         peft_type=module.peft_type,
@@ -736,7 +753,7 @@ def _info_fields(module: Module) -> dict[str, Any]:
         dtype=module.dtype,
         num_parameters=module.num_parameters,
         size_bytes=module.size_bytes,
-        tags={t.key: t.value for t in module.tags},
+        tags=tags,
         owner=module.owner,
         description=module.description,
         created_at=module.created_at,
@@ -744,7 +761,7 @@ def _info_fields(module: Module) -> dict[str, Any]:
 
 
 def _module_info(module: Module, created: bool = True) -> ModuleInfo:
-    return ModuleInfo(**_info_fields(module), created=created)
+    return ModuleInfo(**_info_fields(module, {t.key: t.value for t in module.tags}), created=created)
 
 
 def _module_details(module: Module) -> ModuleDetails:
@@ -765,7 +782,7 @@ def _module_details(module: Module) -> ModuleDetails:
             created_at=derivation.created_at,
         )
     return ModuleDetails(
-        **_info_fields(module),
+        **_info_fields(module, {t.key: t.value for t in module.tags}),
         unsupported=module.unsupported,
         layers=module.layers,
         config=module.config,

@@ -9,6 +9,7 @@ existed before them, so the graph is acyclic.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Integer, and_, func, literal, or_, select
@@ -51,9 +52,25 @@ def edges_into(session: Session, ids_cte: Any) -> list[Any]:
     return list(session.execute(query))
 
 
-def modules_by_id(session: Session, ids_cte: Any) -> dict[int, Module]:
-    rows = session.scalars(select(Module).where(Module.id.in_(select(ids_cte.c.id))))
-    return {m.id: m for m in rows}
+@dataclass(frozen=True)
+class Node:
+    """What graph queries need of a module (not the whole row)."""
+
+    id: int
+    ref: str
+    digest: str
+    kind: str
+    peft_type: str
+
+
+def modules_by_id(session: Session, ids_cte: Any) -> dict[int, Node]:
+    rows = session.execute(
+        select(Module.id, Module.namespace, Module.name, Module.version, Module.digest, Module.kind, Module.peft_type)
+        .where(Module.id.in_(select(ids_cte.c.id)))
+    )
+    return {
+        r.id: Node(r.id, f"{r.namespace}/{r.name}@{r.version}", r.digest, r.kind, r.peft_type) for r in rows
+    }
 
 
 def shortest_paths(root_id: int, edges: list[Any]) -> dict[int, list[int]]:
