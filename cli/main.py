@@ -429,6 +429,93 @@ def verify(registry: Any, ref: str | None, check_all: bool, as_json: bool) -> No
         sys.exit(1)
 
 
+# --- base models and porting -------------------------------------------------------------------
+
+
+@pem.group(cls=PemGroup)
+def base() -> None:
+    """Base (host) models: their structure, for porting."""
+
+
+@base.command("add")
+@click.argument("base_model", metavar="ID[@REV]")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="A local config.json (else from the Hub).")
+@click.option("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co).")
+@json_option
+@with_registry
+def base_add(registry: Any, base_model: str, config_path: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Record a base model from its config.json (no weights)."""
+    info = registry.add_base(base_model, config_path=config_path, endpoint=endpoint)
+    if as_json:
+        echo_json(info)
+    else:
+        structure = f"{info.adaptable_modules} adaptable modules" if info.structure_known else "structure unknown"
+        click.echo(f"recorded {info.model_id}{'@' + info.revision if info.revision else ''}: {info.architecture}, {structure}")
+
+
+@base.command("list")
+@json_option
+@with_registry
+def base_list(registry: Any, as_json: bool) -> None:
+    """List recorded base models."""
+    bases = registry.list_bases()
+    if as_json:
+        echo_json(bases)
+        return
+    for b in bases:
+        dims = " ".join(f"{k}={v}" for k, v in b.dimensions.items())
+        click.echo(f"{b.model_id}{'@' + b.revision if b.revision else ''}  {b.architecture}  {dims}  adapters={b.adapters}")
+    if not bases:
+        click.echo("no base models recorded (pem base add ID --config config.json)")
+
+
+@base.command("show")
+@click.argument("base_model", metavar="ID[@REV]")
+@json_option
+@with_registry
+def base_show(registry: Any, base_model: str, as_json: bool) -> None:
+    """Show a recorded base model."""
+    info = registry.get_base(base_model)
+    if as_json:
+        echo_json(info)
+        return
+    click.echo(f"base model    {info.model_id}{'@' + info.revision if info.revision else ''}")
+    click.echo(f"architecture  {info.architecture} ({info.model_type})")
+    for key, value in info.dimensions.items():
+        click.echo(f"{key:<14}{value}")
+    click.echo(f"structure     {f'{info.adaptable_modules} adaptable modules' if info.structure_known else 'unknown'}")
+    click.echo(f"adapters      {info.adapters}")
+
+
+@pem.command()
+@click.argument("ref")
+@click.option("--to", "to", required=True, metavar="BASE_ID[@REV]", help="The host to port to (see `pem base add`).")
+@click.option("--name", help="NS/NAME of the ported module (required unless --dry-run).")
+@click.option("--dry-run", is_flag=True, help="Only report the compatibility level and its evidence.")
+@json_option
+@with_registry
+def port(registry: Any, ref: str, to: str, name: str | None, dry_run: bool, as_json: bool) -> None:
+    """Port REF to another host model, as a new recorded module sharing its tensors."""
+    if dry_run:
+        report = registry.check_port(ref, to)
+        if as_json:
+            echo_json(report)
+        else:
+            click.echo(f"{report.module}: {report.from_base} -> {report.to_base}: {report.level}")
+            for line in report.evidence + report.missing + report.mismatched:
+                click.echo(f"  {line}")
+        if report.level != "compatible":
+            sys.exit(1)
+        return
+    if not name:
+        raise click.UsageError("--name is required (or pass --dry-run)")
+    info = registry.port(ref, to, name)
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(f"ported {ref} to {to} as {info.ref}")
+
+
 def main() -> None:
     pem(prog_name="pem")
 

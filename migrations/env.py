@@ -14,6 +14,16 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
+    """Render the models' UTCDateTime as plain DateTime(timezone=True), so that migrations
+    never import application code."""
+    from registry.db.models import UTCDateTime
+
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def run_migrations_online() -> None:
     engine = config.attributes.get("engine") or make_engine(Settings.resolve().database_url)
     with engine.begin() as connection:
@@ -22,6 +32,7 @@ def run_migrations_online() -> None:
             target_metadata=target_metadata,
             render_as_batch=True,  # SQLite alters tables by copying them
             compare_type=True,
+            render_item=render_item,
         )
         context.run_migrations()
 

@@ -7,6 +7,7 @@ variable               meaning                                                  
 ``PEM_DATABASE_URL``   any SQLAlchemy URL (``postgresql+psycopg://...`` for teams)  ``sqlite:///$PEM_HOME/registry.db``
 ``PEM_STORE``          where blobs live (a folder path)                             ``$PEM_HOME/blobs``
 ``PEM_USER``           the owner recorded on registrations                          the OS user
+``HF_ENDPOINT``        the Hugging Face Hub (or a mirror) to pull from and push to  ``https://huggingface.co``
 =====================  ===========================================================  ==============================
 
 Options passed explicitly (``--home`` on the command line, keyword arguments of
@@ -26,6 +27,8 @@ ENV_HOME = "PEM_HOME"
 ENV_DATABASE_URL = "PEM_DATABASE_URL"
 ENV_STORE = "PEM_STORE"
 ENV_USER = "PEM_USER"
+ENV_HUB_ENDPOINT = "HF_ENDPOINT"  # the name huggingface_hub itself reads
+DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
 
 DEFAULT_HOME = "~/.pem"
 DATABASE_FILENAME = "registry.db"
@@ -38,6 +41,7 @@ class Settings:
     database_url: str
     store: str
     user: str
+    hub_endpoint: str
 
     @classmethod
     def resolve(
@@ -46,6 +50,7 @@ class Settings:
         database_url: str | None = None,
         store: str | None = None,
         user: str | None = None,
+        hub_endpoint: str | None = None,
     ) -> "Settings":
         """Explicit arguments first, then the environment, then the defaults."""
         home_path = Path(home or os.environ.get(ENV_HOME) or DEFAULT_HOME).expanduser().absolute()
@@ -59,7 +64,8 @@ class Settings:
             )
         store_location = store_location.removeprefix("file://")
         owner = user or os.environ.get(ENV_USER) or _os_user()
-        return cls(home=home_path, database_url=url, store=store_location, user=owner)
+        endpoint = (hub_endpoint or os.environ.get(ENV_HUB_ENDPOINT) or DEFAULT_HUB_ENDPOINT).rstrip("/")
+        return cls(home=home_path, database_url=url, store=store_location, user=owner, hub_endpoint=endpoint)
 
 
 def _os_user() -> str:

@@ -48,6 +48,10 @@ class UnknownModuleError(NotFoundError):
     """No registered module matches a reference."""
 
 
+class UnknownBaseModelError(NotFoundError):
+    """No recorded base model matches ``ID[@REV]`` (record it with ``pem base add``)."""
+
+
 class AmbiguousReferenceError(PemError):
     """A digest prefix matches more than one module."""
 
@@ -96,6 +100,13 @@ class IncompatibleModulesError(PemError):
 
 class UnsupportedMethodError(PemError):
     """A composition method is unknown, or does not apply to the inputs' PEFT type."""
+
+
+# --- the Hub ----------------------------------------------------------------------------------
+
+
+class HubError(PemError):
+    """The Hub refused a request or could not be reached."""
 
 
 # --- integrity --------------------------------------------------------------------------------

@@ -100,3 +100,24 @@ def parse_reference(text: str) -> Reference:
             raise InvalidNameError(f"invalid reference {text!r}: versions start at 1")
         return Reference(text=stripped, module=module, version=version)
     return Reference(text=stripped, module=module, alias=selector)
+
+
+@dataclass(frozen=True)
+class BaseReference:
+    """A base model as ``ID[@REVISION]`` (``ID`` as on the Hub, e.g. ``meta-llama/Llama-2-7b-hf``)."""
+
+    model_id: str
+    revision: str | None
+
+    def __str__(self) -> str:
+        return self.model_id + (f"@{self.revision}" if self.revision else "")
+
+
+_BASE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(?:/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
+
+
+def parse_base_reference(text: str) -> BaseReference:
+    model_id, _, revision = text.strip().partition("@")
+    if not _BASE_ID_RE.fullmatch(model_id) or (revision == "" and "@" in text):
+        raise InvalidNameError(f"invalid base model {text!r}: use ID or ID@REVISION, e.g. org/model@main")
+    return BaseReference(model_id, revision or None)

@@ -191,3 +191,32 @@ class VerifyReport(BaseModel):
     ok: bool
     failures: list[VerifyFailure]
     notes: list[str]
+
+
+# --- base models and porting ------------------------------------------------------------------
+
+
+class BaseModelInfo(BaseModel):
+    """``pem base show --json``: a host model the registry knows."""
+
+    model_id: str
+    revision: str | None
+    architecture: str | None
+    model_type: str | None
+    dimensions: dict[str, Any]
+    structure_known: bool = Field(description="adaptable modules known (built on the meta device)")
+    adaptable_modules: int
+    adapters: int = Field(description="registered modules whose base model is this one")
+    created_at: datetime
+
+
+class PortReport(BaseModel):
+    """Whether a module can be attached to a host, with the evidence."""
+
+    module: str
+    from_base: str
+    to_base: str
+    level: Literal["same-base", "compatible", "incompatible", "unknown"]
+    evidence: list[str]
+    missing: list[str] = Field(default_factory=list, description="adapted layers the host does not have")
+    mismatched: list[str] = Field(default_factory=list, description="adapted layers whose shapes differ in the host")

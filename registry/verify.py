@@ -61,6 +61,10 @@ def verify_modules(registry: Any, session: Session, modules: list[Module], progr
                 rederived += 1
                 if note:
                     notes.append(f"{module.ref}: {note}")
+        if problem is None and module.derivation is not None and module.derivation.method == "port":
+            source = module.derivation.inputs[0].input
+            if source.digest != module.digest:  # a port shares its source's tensors
+                problem = f"ported from {source.ref} but its tensors differ (sha256:{module.digest[:12]} vs {source.digest[:12]})"
         if problem is not None:
             failures.append(VerifyFailure(ref=module.ref, problem=problem))
         if progress is not None:

@@ -172,3 +172,22 @@ class DerivationInput(Base):
 
     derivation: Mapped[Derivation] = relationship(back_populates="inputs")
     input: Mapped[Module] = relationship(foreign_keys=[input_id])
+
+
+class BaseModelRecord(Base):
+    """A host model the registry knows the structure of (from its config.json)."""
+
+    __tablename__ = "base_models"
+    __table_args__ = (UniqueConstraint("model_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(255))
+    revision: Mapped[str] = mapped_column(String(255))  # "" when unpinned
+    architecture: Mapped[str | None] = mapped_column(String(128))
+    model_type: Mapped[str | None] = mapped_column(String(64))
+    dimensions: Mapped[dict[str, Any]] = mapped_column(JSON)  # hidden_size, num_hidden_layers, ...
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # config.json as read
+    # Adaptable module name -> weight shape [out, in], from building the model on the meta
+    # device; None when transformers is not installed or cannot build the architecture.
+    structure: Mapped[dict[str, list[int]] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,110 @@
+"""Base (host) models and structural compatibility, for porting (Sabry & Belz, 2024).
+
+A base model is recorded from its ``config.json``: architecture and dimensions always, and,
+when transformers is installed (``pip install 'pem-registry[hosts]'``), the exact name and
+weight shape of every adaptable module, obtained by building the model on PyTorch's meta
+device (no memory, no weights, no download). A module can be attached to a host when each
+layer it adapts exists in the host with the shape the module needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from registry.adapters.base import module_key
+from registry.errors import InvalidAdapterError
+
+DIMENSION_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "vocab_size", "d_model", "d_ff", "d_kv", "num_layers", "num_heads", "n_embd", "n_layer", "n_head",
+)
+
+SAME_BASE, COMPATIBLE, INCOMPATIBLE, UNKNOWN = "same-base", "compatible", "incompatible", "unknown"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidAdapterError(f"cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidAdapterError(f"{path} is not valid JSON: pass a model's config.json") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise InvalidAdapterError(f"{path} has no model_type: is it a transformers config.json?")
+    return config
+
+
+def dimensions(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: config[key] for key in DIMENSION_KEYS if key in config}
+
+
+def architecture(config: dict[str, Any]) -> str | None:
+    archs = config.get("architectures")
+    return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+
+
+def build_structure(config: dict[str, Any]) -> dict[str, list[int]] | None:
+    """Adaptable module name -> weight shape [out, in] (Linear, Conv1D) or [num, dim]
+    (Embedding), from the model built on the meta device. None when transformers is not
+    installed or does not know the architecture."""
+    try:
+        import torch
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    try:
+        model_config = transformers.AutoConfig.for_model(**config)
+        name = architecture(config)
+        model_class = getattr(transformers, name, None) if name else None
+        with torch.device("meta"):
+            model = (
+                model_class(model_config) if model_class is not None
+                else transformers.AutoModel.from_config(model_config)
+            )
+    except Exception:  # an architecture this transformers cannot build: structure unknown
+        return None
+    structure: dict[str, list[int]] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            structure[module_name] = [module.out_features, module.in_features]
+        elif isinstance(module, Conv1D):  # stores its weight as (in, out)
+            structure[module_name] = [module.weight.shape[1], module.weight.shape[0]]
+        elif isinstance(module, torch.nn.Embedding):
+            structure[module_name] = [module.num_embeddings, module.embedding_dim]
+    return structure
+
+
+def lora_required_shape(params: dict[str, list[int]]) -> list[int] | None:
+    """The host weight shape a LoRA layer needs: [out, in] for Linear, [num, dim] for Embedding."""
+    if "lora_A" in params and "lora_B" in params:
+        return [params["lora_B"][0], params["lora_A"][1]]
+    if "lora_embedding_A" in params and "lora_embedding_B" in params:
+        return [params["lora_embedding_A"][1], params["lora_embedding_B"][0]]
+    return None
+
+
+def structural_report(layers: dict[str, dict[str, Any]], structure: dict[str, list[int]]) -> tuple[list[str], list[str]]:
+    """(missing layers, mismatched shapes) of a module's layers against a host structure."""
+    missing, mismatched = [], []
+    for layer, info in sorted(layers.items()):
+        key = module_key(layer)
+        host = structure.get(key)
+        if host is None:
+            missing.append(key)
+            continue
+        params = info["params"]
+        if "ia3_l" in params:
+            rows, cols = params["ia3_l"]
+            # (IA)^3 scales a layer's output ([out, 1]) or, for feed-forward layers, its input ([1, in])
+            ok = host[1] == cols if info.get("feedforward") else host[0] == rows
+            need = f"{'input' if info.get('feedforward') else 'output'} size {cols if info.get('feedforward') else rows}"
+        else:
+            need_shape = lora_required_shape(params)
+            ok = need_shape == list(host)
+            need = f"weight {need_shape}"
+        if not ok:
+            mismatched.append(f"{key}: module needs {need}, host has {host}")
+    return missing, mismatched
