@@ -205,7 +205,7 @@ def show(registry: Any, ref: str, as_json: bool) -> None:
         ("peft type", details.peft_type + ("" if details.composable else f" (not composable: {', '.join(details.unsupported)})")),
         ("base model", details.base_model + (f" @ {details.base_revision}" if details.base_revision else "")),
         ("task", details.task or "-"),
-        ("rank / alpha", f"{details.rank} / {details.lora_alpha:g}" + (" (rsLoRA)" if details.use_rslora else "") if details.rank else "-"),
+        ("rank / alpha", _rank_alpha(details)),
         ("target modules", ", ".join(details.target_modules) or "-"),
         ("layers", str(len(details.layers))),
         ("dtype", details.dtype),
@@ -226,6 +226,13 @@ def show(registry: Any, ref: str, as_json: bool) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _rank_alpha(details: Any) -> str:
+    if details.rank is None:
+        return "-"
+    alpha = f" / {details.lora_alpha:g}" if details.lora_alpha is not None else ""
+    return f"{details.rank}{alpha}" + (" (rsLoRA)" if details.use_rslora else "")
 
 
 @pem.command()

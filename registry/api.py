@@ -89,12 +89,26 @@ def parse_tag(text: str) -> tuple[str, str]:
     return key, value
 
 
+# Column sizes of the catalog, checked before anything is written.
+MAX_LENGTHS = {"task": 128, "base_model": 255, "base_revision": 255}
+MAX_TAG_VALUE = 512
+
+
+def check_lengths(**values: str | None) -> None:
+    for field, value in values.items():
+        limit = MAX_LENGTHS[field]
+        if value is not None and len(value) > limit:
+            raise InvalidNameError(f"{field.replace('_', ' ')} is {len(value)} characters long; the limit is {limit}")
+
+
 def parse_tags(tags: dict[str, str] | None) -> list[tuple[str, str]]:
     """Validate tags given as a mapping; sorted pairs."""
     pairs = []
     for key, value in (tags or {}).items():
         if not TAG_KEY_RE.fullmatch(key):
             raise InvalidNameError(f"invalid tag key {key!r}: use letters, digits, '_', '.', ':', '-'")
+        if len(str(value)) > MAX_TAG_VALUE:
+            raise InvalidNameError(f"tag {key} has a value of {len(str(value))} characters; the limit is {MAX_TAG_VALUE}")
         pairs.append((key, str(value)))
     return sorted(pairs)
 
@@ -183,6 +197,7 @@ class Registry:
         """
         module_name = parse_module_name(name)
         tag_pairs = parse_tags(tags)
+        check_lengths(task=task, base_model=base_model, base_revision=base_revision)
         folder = Path(path)
         config, header = read_adapter_folder(folder)
         config = dict(config)
@@ -195,6 +210,7 @@ class Registry:
             raise InvalidAdapterError(
                 f"{folder / CONFIG_FILE} has no base_model_name_or_path: pass --base-model ID"
             )
+        check_lengths(base_model=metadata.base_model, base_revision=metadata.base_revision)
         with self.store.writer() as writer:
             copy_canonical(header, writer.sink)
             size = writer.sink.bytes_written

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 SCHEMA_VERSION = 1
 
 Kind = Literal["trained", "derived", "ported", "pulled"]
+NodeKind = Literal["trained", "derived", "ported", "pulled", "external"]
 
 
 class ProvenanceInput(BaseModel):
@@ -124,9 +125,11 @@ class CheckReport(BaseModel):
 
 
 class LineageNode(BaseModel):
+    """A module in a lineage; ``external`` nodes are inputs known only from imported provenance."""
+
     ref: str
     digest: str
-    kind: Kind
+    kind: NodeKind
     peft_type: str
     method: str | None = Field(description="how it was made, for derived and ported modules")
     expression: str | None = Field(description="canonical expression, for derived modules")
@@ -162,7 +165,7 @@ class ContentTerm(BaseModel):
 
     ref: str
     digest: str
-    kind: Kind
+    kind: NodeKind
     a: float
     b: float
     opaque: bool = Field(description="derived by a non-linear method (svd): its own contents are nested")
@@ -220,3 +223,65 @@ class PortReport(BaseModel):
     evidence: list[str]
     missing: list[str] = Field(default_factory=list, description="adapted layers the host does not have")
     mismatched: list[str] = Field(default_factory=list, description="adapted layers whose shapes differ in the host")
+
+
+# --- the Hub ----------------------------------------------------------------------------------
+
+SIDECAR_SCHEMA = "pem-registry/provenance"
+SIDECAR_VERSION = 1
+SIDECAR_FILENAME = "pem-provenance.json"
+
+
+class SidecarInput(BaseModel):
+    ref: str = Field(description="NS/NAME@VERSION in the registry that made the module")
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    a: float
+    b: float
+    hub: dict[str, str] | None = Field(default=None, description="repo_id and commit, when published")
+
+
+class SidecarDerivation(BaseModel):
+    expression: str
+    canonical: str
+    method: str
+    method_version: int
+    parameters: dict[str, Any]
+    results: dict[str, Any]
+    environment: dict[str, Any]
+    inputs: list[SidecarInput]
+
+
+class SidecarModule(BaseModel):
+    name: str
+    version: int
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    kind: Kind
+    peft_type: str
+    base_model: str
+    base_revision: str | None
+
+
+class ProvenanceSidecar(BaseModel):
+    """``pem-provenance.json``, pushed beside the weights: the machine-readable provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_: Literal["pem-registry/provenance"] = Field(alias="schema")
+    schema_version: Literal[1]
+    generator: str
+    module: SidecarModule
+    derivation: SidecarDerivation | None
+
+
+class SyncStatus(BaseModel):
+    """``pem sync --json``: one Hub link and how it compares with the remote now."""
+
+    ref: str
+    direction: Literal["pull", "push"]
+    repo_id: str
+    revision: str
+    commit: str = Field(description="the commit pulled from, or pushed")
+    remote_commit: str | None = Field(description="the branch head now (None when unreachable)")
+    status: Literal["up-to-date", "behind", "in-sync", "changed", "missing", "error"]
+    detail: str
+    pulled: str | None = Field(default=None, description="with --pull: the new version registered")

@@ -24,7 +24,7 @@ from registry.methods import METHODS
 from registry.schemas import VerifyFailure, VerifyReport
 from registry.store import BlobStore, LocalBlobStore
 
-SVD_TOLERANCE = 1e-4  # relative Frobenius error of B@A between stored and re-derived
+DEFAULT_SVD_TOLERANCE = 1e-4  # for svd modules whose provenance records none
 
 
 def blob_problem(store: BlobStore, digest: str) -> str | None:
@@ -112,13 +112,14 @@ def rederive(registry: Any, module: Module) -> tuple[str | None, str | None]:
         if digest == module.digest:
             return None, None
         if method.name == "svd":
+            tolerance = float(derivation.results.get("verify_tolerance", DEFAULT_SVD_TOLERANCE))
             error = _relative_effect_error(registry.store.local_path(module.digest), scratch_store.local_path(digest))
-            if error <= SVD_TOLERANCE:
+            if error <= tolerance:
                 return None, (
-                    f"svd re-derived within tolerance (relative error of B@A {error:.2e} <= {SVD_TOLERANCE:g}), "
-                    "compared by effect, not by digest"
+                    f"svd re-derived within its recorded tolerance (relative error of B@A {error:.2e} <= "
+                    f"{tolerance:g}), compared by effect, not by digest"
                 )
-            return f"svd re-derivation differs: relative error of B@A {error:.2e} > {SVD_TOLERANCE:g}", None
+            return f"svd re-derivation differs: relative error of B@A {error:.2e} > {tolerance:g}", None
     stack = derivation.environment
     return (
         f"re-derivation gives sha256:{digest[:12]}, stored sha256:{module.digest[:12]} "

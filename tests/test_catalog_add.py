@@ -21,6 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import BERT_ID, LLAMA_ID, make_ia3, make_lora, tensors, tiny_llama
+from registry.errors import PemError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -40,13 +43,16 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def write_safetensors(path: Path, entries: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: Path, entries: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> None:
     """A safetensors file written by hand, tensors laid out in the order given."""
     header: dict[str, object] = {}
     data = b""
     for name, t in entries:
         raw = tensor_bytes(t)
-        header[name] = {"dtype": TORCH_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        header[name] = {"dtype": TORCH_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
         data += raw
     if metadata is not None:
         header["__metadata__"] = metadata
@@ -403,3 +409,23 @@ def test_dora_is_registered_not_composable(registry, ad):
     assert any("DoRA" in reason for reason in registry.get("team/dora").unsupported)
     # the magnitude vectors are parameters too
     assert info.num_parameters == numel(ad.dora) == 2 * 2 * (4 * 16 + 16 * 4 + 16)
+
+
+# --- failures leave nothing behind ----------------------------------------------------------------
+
+
+def test_a_registration_the_database_refuses_leaves_no_blob(registry, ad):
+    """Values longer than their columns (task 128, tag value 512, base model 255 characters):
+    either stored whole, or refused with a PemError before anything reaches the store."""
+    for field, value in (("task", "t" * 200), ("tags", {"note": "v" * 600}), ("base_model", "org/" + "m" * 300)):
+        name = f"team/long-{field}"
+        files_before, modules_before = blob_files(registry.settings.home), refs(registry)
+        try:
+            info = registry.add(ad.llama, name, **{field: value})
+        except PemError:
+            assert refs(registry) == modules_before, field
+            assert blob_files(registry.settings.home) == files_before, field
+            assert list((registry.settings.home / "blobs" / "tmp").glob("*")) == [], field
+        else:
+            assert getattr(registry.get(name), field) == value, field
+            assert info.ref == f"{name}@1"

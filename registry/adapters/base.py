@@ -66,7 +66,7 @@ class AdapterType:
     def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
         raise NotImplementedError
 
-    def extra_violations(self, inputs: list[Any], method: str) -> list[str]:
+    def extra_violations(self, inputs: list[Any], method: str, union: bool) -> list[str]:
         """Type-specific reasons a composition is refused (beyond the common checks)."""
         return []
 

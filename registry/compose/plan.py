@@ -134,11 +134,9 @@ def build_plan(
     union: bool,
 ) -> tuple[OutputPlan | None, list[str]]:
     """Check the inputs and plan the output. Returns (plan, []) or (None, violations)."""
-    violations = check_compatibility(inputs, method, union)
-    if violations:
-        return None, violations
     handler = adapter_type(inputs[0].peft_type)
-    violations = handler.extra_violations(inputs, method.name)
+    same_type = [i for i in inputs if i.peft_type == handler.peft_type]
+    violations = check_compatibility(inputs, method, union) + handler.extra_violations(same_type, method.name, union)
     if violations:
         return None, violations
     out_dtype = output_dtype(inputs, dtype)
@@ -177,7 +175,10 @@ def output_dtype(inputs: list[InputModule], requested: str | None) -> str:
 
 
 def check_compatibility(inputs: list[InputModule], method: Method, union: bool) -> list[str]:
-    """Every reason the inputs cannot be composed with ``method``; empty when they can."""
+    """Every reason the inputs cannot be composed with ``method``; empty when they can.
+
+    Each input is compared with the first input of its PEFT type (and each layer with the
+    first input that adapts it), so every violation is found whatever the inputs' order."""
     violations: list[str] = []
     for module in inputs:
         if module.unsupported:
@@ -192,47 +193,100 @@ def check_compatibility(inputs: list[InputModule], method: Method, union: bool) 
             )
     first = inputs[0]
     for other in inputs[1:]:
-        pair = f"{first.ref} and {other.ref}"
         if other.peft_type != first.peft_type:
-            violations.append(f"{pair} have different PEFT types: {first.peft_type} vs {other.peft_type}")
-            continue
+            violations.append(
+                f"{first.ref} and {other.ref} have different PEFT types: {first.peft_type} vs {other.peft_type}"
+            )
+    for group in _by_type(inputs).values():
+        violations.extend(_pair_violations(group))
+        violations.extend(_revision_violations(group))
+        violations.extend(layer_violations(group, union, _layer_shape_problem))
+    return violations
+
+
+def _by_type(inputs: list[InputModule]) -> dict[str, list[InputModule]]:
+    groups: dict[str, list[InputModule]] = {}
+    for module in inputs:
+        groups.setdefault(module.peft_type, []).append(module)
+    return groups
+
+
+def _pair_violations(group: list[InputModule]) -> list[str]:
+    violations = []
+    first = group[0]
+    for other in group[1:]:
+        pair = f"{first.ref} and {other.ref}"
         if other.base_model != first.base_model:
             violations.append(
                 f"{pair} have different base models: {first.base_model} vs {other.base_model} "
                 f"(port one with `pem port` first)"
             )
-        elif first.base_revision and other.base_revision and first.base_revision != other.base_revision:
-            violations.append(
-                f"{pair} have different base model revisions: {first.base_revision} vs {other.base_revision}"
-            )
         ff_a, ff_b = bool(first.config.get("fan_in_fan_out")), bool(other.config.get("fan_in_fan_out"))
         if ff_a != ff_b:
             violations.append(f"{pair} differ in fan_in_fan_out: {ff_a} vs {ff_b}")
-        violations.extend(_layer_violations(first, other, union))
     return violations
 
 
-def _layer_violations(first: InputModule, other: InputModule, union: bool) -> list[str]:
-    pair = f"{first.ref} and {other.ref}"
+def _revision_violations(group: list[InputModule]) -> list[str]:
+    """Revisions are compared where known: one base model, at most one known revision."""
+    pinned: dict[str, list[InputModule]] = {}
+    for module in group:
+        if module.base_revision:
+            pinned.setdefault(module.base_model, []).append(module)
     violations = []
-    only_first = sorted(set(first.layers) - set(other.layers))
-    only_other = sorted(set(other.layers) - set(first.layers))
-    if (only_first or only_other) and not union:
-        parts = []
-        if only_first:
-            parts.append(f"{len(only_first)} only in {first.ref} (e.g. {module_key(only_first[0])})")
-        if only_other:
-            parts.append(f"{len(only_other)} only in {other.ref} (e.g. {module_key(only_other[0])})")
-        violations.append(f"{pair} adapt different layers: {'; '.join(parts)}; pass --union to compose the union")
-    for layer in sorted(set(first.layers) & set(other.layers)):
-        left, right = first.layers[layer], other.layers[layer]
-        if _io_shape(left) != _io_shape(right):
-            violations.append(
-                f"{pair} have different shapes at {module_key(layer)}: {_describe_shape(left)} vs {_describe_shape(right)}"
-            )
-        if left.get("feedforward") != right.get("feedforward"):
-            violations.append(f"{pair} disagree on whether {module_key(layer)} is a feed-forward module")
+    for base, modules in pinned.items():
+        first = modules[0]
+        for other in modules[1:]:
+            if other.base_revision != first.base_revision:
+                violations.append(
+                    f"{first.ref} and {other.ref} have different base model revisions of {base}: "
+                    f"{first.base_revision} vs {other.base_revision}"
+                )
     return violations
+
+
+LayerProblem = Callable[[dict, dict], "tuple[str, str] | None"]
+
+
+def layer_violations(group: list[Any], union: bool, problem: LayerProblem) -> list[str]:
+    """Per layer, each input that adapts it against the first one that does; ``problem``
+    says what differs between two layer descriptions, as (what, detail), or None. Without ``union``,
+    every input must adapt the same layers as the first."""
+    violations = []
+    first = group[0]
+    if not union:
+        for other in group[1:]:
+            only_first = sorted(set(first.layers) - set(other.layers))
+            only_other = sorted(set(other.layers) - set(first.layers))
+            if only_first or only_other:
+                parts = []
+                if only_first:
+                    parts.append(f"{len(only_first)} only in {first.ref} (e.g. {module_key(only_first[0])})")
+                if only_other:
+                    parts.append(f"{len(only_other)} only in {other.ref} (e.g. {module_key(only_other[0])})")
+                violations.append(
+                    f"{first.ref} and {other.ref} adapt different layers: {'; '.join(parts)}; "
+                    "pass --union to compose the union"
+                )
+    owner: dict[str, Any] = {}
+    for module in group:
+        for layer in sorted(module.layers):
+            reference = owner.setdefault(layer, module)
+            if reference is module:
+                continue
+            difference = problem(reference.layers[layer], module.layers[layer])
+            if difference:
+                what, detail = difference
+                violations.append(f"{reference.ref} and {module.ref} {what} at {module_key(layer)}: {detail}")
+    return violations
+
+
+def _layer_shape_problem(left: dict[str, Any], right: dict[str, Any]) -> tuple[str, str] | None:
+    if _io_shape(left) != _io_shape(right):
+        return "have different shapes", f"{_describe_shape(left)} vs {_describe_shape(right)}"
+    if left.get("feedforward") != right.get("feedforward"):
+        return "disagree on feed-forward", f"{bool(left.get('feedforward'))} vs {bool(right.get('feedforward'))}"
+    return None
 
 
 def _io_shape(layer: dict[str, Any]) -> Any:

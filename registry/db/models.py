@@ -164,14 +164,18 @@ class DerivationInput(Base):
         ForeignKey("derivations.module_id", ondelete="CASCADE"), primary_key=True
     )
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
-    # RESTRICT: a module that others were derived from cannot disappear under them.
-    input_id: Mapped[int] = mapped_column(ForeignKey("modules.id", ondelete="RESTRICT"), index=True)
-    input_digest: Mapped[str] = mapped_column(String(64))
+    # RESTRICT: a module that others were derived from cannot disappear under them. NULL for
+    # an input known only from imported provenance (an external node); it is linked to a
+    # module when one with the same digest is registered.
+    input_id: Mapped[int | None] = mapped_column(ForeignKey("modules.id", ondelete="RESTRICT"), index=True)
+    input_digest: Mapped[str] = mapped_column(String(64), index=True)
+    # For external inputs: {"ref": name in the registry that made it, "repo_id", "commit"}.
+    external: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     a: Mapped[float] = mapped_column(Float)  # unsigned coefficient (SEMANTICS.md section 2)
     b: Mapped[float] = mapped_column(Float)  # signed coefficient
 
     derivation: Mapped[Derivation] = relationship(back_populates="inputs")
-    input: Mapped[Module] = relationship(foreign_keys=[input_id])
+    input: Mapped[Module | None] = relationship(foreign_keys=[input_id])
 
 
 class BaseModelRecord(Base):
@@ -190,4 +194,20 @@ class BaseModelRecord(Base):
     # Adaptable module name -> weight shape [out, in], from building the model on the meta
     # device; None when transformers is not installed or cannot build the architecture.
     structure: Mapped[dict[str, list[int]] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class HubLink(Base):
+    """A module's tie to a Hub repository: where it was pulled from, or pushed to."""
+
+    __tablename__ = "hub_links"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    module_id: Mapped[int] = mapped_column(ForeignKey("modules.id", ondelete="CASCADE"), index=True)
+    direction: Mapped[str] = mapped_column(String(8))  # "pull" or "push"
+    endpoint: Mapped[str] = mapped_column(String(255))
+    repo_id: Mapped[str] = mapped_column(String(255), index=True)
+    revision: Mapped[str] = mapped_column(String(255))  # the branch (or revision) asked for
+    commit: Mapped[str] = mapped_column(String(64))  # the commit it resolved to
+    weights_oid: Mapped[str] = mapped_column(String(64))  # git blob id of the weights file on the Hub
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -53,8 +53,12 @@ class LoraType(AdapterType):
     composable = True
     compute_module = "registry.adapters.lora.compute"
 
-    def extra_violations(self, inputs: list[Any], method: str) -> list[str]:
-        return rank_violations(inputs) if method == "module" else []
+    def extra_violations(self, inputs: list[Any], method: str, union: bool) -> list[str]:
+        if method != "module":
+            return []
+        from registry.compose.plan import layer_violations
+
+        return layer_violations(inputs, True, _rank_problem)
 
     def plan_output(self, inputs: list[Any], method: str, parameters: dict[str, Any], dtype: str) -> TypePlan:
         return plan_output(inputs, method, parameters, dtype)
@@ -134,16 +138,10 @@ class LoraType(AdapterType):
         }
 
 
-def rank_violations(inputs: list[Any]) -> list[str]:
+def _rank_problem(left: dict[str, Any], right: dict[str, Any]) -> tuple[str, str] | None:
     """The ``module`` method adds factors element-wise: ranks must match layer by layer."""
-    violations = []
-    first = inputs[0]
-    for other in inputs[1:]:
-        for layer in sorted(set(first.layers) & set(other.layers)):
-            r1, r2 = first.layers[layer]["rank"], other.layers[layer]["rank"]
-            if r1 != r2:
-                violations.append(
-                    f"{first.ref} and {other.ref} have different ranks at {module_key(layer)}: {r1} vs {r2} "
-                    "(method 'module' needs equal ranks; use --method exact or svd)"
-                )
-    return violations
+    if left["rank"] != right["rank"]:
+        return "have different ranks", (
+            f"{left['rank']} vs {right['rank']} (method 'module' needs equal ranks; use --method exact or svd)"
+        )
+    return None

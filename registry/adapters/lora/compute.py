@@ -13,6 +13,9 @@ import torch
 from registry.adapters.lora.plan import A_SUFFIX, B_SUFFIX
 
 SVD_THREADS = 1  # torch.linalg.svd differs between thread counts: pin it and record it
+# Re-derivations of an svd module on another stack are accepted within this relative error of
+# B@A; recorded in the provenance so that `pem verify` applies the tolerance it was made with.
+SVD_VERIFY_TOLERANCE = 1e-4
 
 
 def compute_layer(plan: Any, layer: str, loaded: list[dict[str, torch.Tensor] | None], work: torch.dtype):
@@ -99,4 +102,5 @@ def finish(stats: dict[str, float]) -> dict[str, Any]:
         "worst_layer": worst[0],
         "worst_layer_relative_error": worst[1],
         "svd_threads": SVD_THREADS,
+        "verify_tolerance": SVD_VERIFY_TOLERANCE,
     }
