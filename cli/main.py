@@ -523,6 +523,68 @@ def port(registry: Any, ref: str, to: str, name: str | None, dry_run: bool, as_j
         click.echo(f"ported {ref} to {to} as {info.ref}")
 
 
+# --- the Hub ----------------------------------------------------------------------------------
+
+
+def endpoint_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co).")(fn)
+
+
+@pem.command()
+@click.argument("repo", metavar="REPO_ID[@REVISION]")
+@click.option("--name", help="NS/NAME to register it as (default: the repo id).")
+@click.option("--task", help="The task it was trained for.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A tag; repeatable.")
+@endpoint_option
+@json_option
+@with_registry
+def pull(registry: Any, repo: str, tags: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Register an adapter from the Hub, pinned to the commit it resolves to."""
+    info = registry.pull(repo, tags=_tags_from_options(tags), **options)
+    if as_json:
+        echo_json(info)
+    elif info.created:
+        click.echo(f"pulled {repo} as {info.ref}  sha256:{info.digest[:12]}")
+    else:
+        click.echo(f"{repo} is already registered as {info.ref}")
+
+
+@pem.command()
+@click.argument("ref")
+@click.argument("repo", metavar="REPO_ID")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--branch", help="Push to this branch (created if needed).")
+@click.option("--message", help="Commit message.")
+@endpoint_option
+@json_option
+@with_registry
+def push(registry: Any, ref: str, repo: str, as_json: bool, **options: Any) -> None:
+    """Publish REF to the Hub with a model card and its provenance."""
+    result = registry.push(ref, repo, **options)
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(f"pushed {result.ref} to {result.url} ({result.branch} @ {result.commit[:12]})")
+
+
+@pem.command()
+@click.option("--pull", "do_pull", is_flag=True, help="Pull new commits of pulled modules as new versions.")
+@endpoint_option
+@json_option
+@with_registry
+def sync(registry: Any, do_pull: bool, endpoint: str | None, as_json: bool) -> None:
+    """Compare pulled and pushed modules with the Hub."""
+    statuses = registry.sync(pull=do_pull, endpoint=endpoint)
+    if as_json:
+        echo_json(statuses)
+        return
+    for st in statuses:
+        pulled = f"; pulled as {st.pulled}" if st.pulled else ""
+        click.echo(f"{st.ref}  {st.direction} {st.repo_id}@{st.revision}  {st.status}: {st.detail}{pulled}")
+    if not statuses:
+        click.echo("no module was pulled from or pushed to the Hub")
+
+
 def main() -> None:
     pem(prog_name="pem")
 

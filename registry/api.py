@@ -22,18 +22,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from registry.adapters import AdapterMetadata, adapter_type
 from registry.config import Settings
 from registry.db import migrate
-from registry.db.engine import current_revision, make_engine, make_sessionmaker, require_current_schema
+from registry.db.engine import (
+    current_revision,
+    make_engine,
+    make_sessionmaker,
+    require_current_schema,
+    sqlite_file_missing,
+)
 from registry import lineage as lineage_queries
 from registry.compose.plan import InputModule, OutputPlan, bind_terms, build_plan, parse_expression
-from registry import __version__, hosts
-from registry.db.models import Blob, BaseModelRecord, Derivation, DerivationInput, Module, Tag
+from registry import __version__, hosts, hub
+from registry.db.models import Blob, BaseModelRecord, Derivation, DerivationInput, HubLink, Module, NameCounter, Tag
+
 from registry.errors import (
     AmbiguousReferenceError,
     DatabaseError,
@@ -44,8 +51,10 @@ from registry.errors import (
     NameConflictError,
     NotFoundError,
     PemError,
+    RegistryNotInitializedError,
     UnsupportedMethodError,
     UnknownBaseModelError,
+    HubError,
     UnknownModuleError,
     UnsafeFormatError,
 )
@@ -67,6 +76,9 @@ from registry.schemas import (
     ModuleInfo,
     OutputSummary,
     PortReport,
+    ProvenanceSidecar,
+    PushResult,
+    SyncStatus,
     Provenance,
     ProvenanceInput,
     TermInfo,
@@ -139,6 +151,9 @@ class Registry:
     ) -> "Registry":
         """Open an existing registry; raises RegistryNotInitializedError if there is none."""
         settings = Settings.resolve(home, database_url, store, user)
+        missing = sqlite_file_missing(settings.database_url)
+        if missing:  # do not create an empty database file just by looking
+            raise RegistryNotInitializedError(f"no registry at {missing}: run `pem init` to create it")
         engine = make_engine(settings.database_url)
         require_current_schema(engine)
         return cls(settings, engine, open_store(settings.store))
@@ -199,22 +214,7 @@ class Registry:
         tag_pairs = parse_tags(tags)
         check_lengths(task=task, base_model=base_model, base_revision=base_revision)
         folder = Path(path)
-        config, header = read_adapter_folder(folder)
-        config = dict(config)
-        if base_model is not None:
-            config["base_model_name_or_path"] = base_model
-        if base_revision is not None:
-            config["revision"] = base_revision
-        metadata = adapter_type(str(config["peft_type"])).describe(config, header)
-        if not metadata.base_model:
-            raise InvalidAdapterError(
-                f"{folder / CONFIG_FILE} has no base_model_name_or_path: pass --base-model ID"
-            )
-        check_lengths(base_model=metadata.base_model, base_revision=metadata.base_revision)
-        with self.store.writer() as writer:
-            copy_canonical(header, writer.sink)
-            size = writer.sink.bytes_written
-            digest = writer.commit()
+        config, metadata, digest, size = self._ingest(folder, base_model, base_revision)
         return self._register(
             module_name,
             kind="trained",
@@ -225,8 +225,29 @@ class Registry:
             task=task,
             tags=tag_pairs,
             description=description,
-            source={"path": str(folder.absolute()), "file_sha256": _file_sha256(header.path)},
+            source={"path": str(folder.absolute()), "file_sha256": _file_sha256(folder / WEIGHTS_FILE)},
         )
+
+    def _ingest(
+        self, folder: Path, base_model: str | None = None, base_revision: str | None = None
+    ) -> tuple[dict[str, Any], AdapterMetadata, str, int]:
+        """Validate an adapter folder and store its weights in canonical form: (config,
+        metadata, digest, size). Every check runs before the blob is written."""
+        config, header = read_adapter_folder(folder)
+        config = dict(config)
+        if base_model is not None:
+            config["base_model_name_or_path"] = base_model
+        if base_revision is not None:
+            config["revision"] = base_revision
+        metadata = adapter_type(str(config["peft_type"])).describe(config, header)
+        if not metadata.base_model:
+            raise InvalidAdapterError(f"{folder / CONFIG_FILE} has no base_model_name_or_path: pass --base-model ID")
+        check_lengths(base_model=metadata.base_model, base_revision=metadata.base_revision)
+        with self.store.writer() as writer:
+            copy_canonical(header, writer.sink)
+            size = writer.sink.bytes_written
+            digest = writer.commit()
+        return config, metadata, digest, size
 
     def _register(
         self,
@@ -261,15 +282,15 @@ class Registry:
                         return _module_info(existing, created=False)
                     if session.get(Blob, digest) is None:
                         session.add(Blob(digest=digest, size_bytes=size_bytes))
-                    latest = session.scalar(
-                        select(func.max(Module.version)).where(
-                            Module.namespace == name.namespace, Module.name == name.name
-                        )
-                    )
+                    counter = session.get(NameCounter, (name.namespace, name.name))
+                    if counter is None:
+                        counter = NameCounter(namespace=name.namespace, name=name.name, last_version=0)
+                        session.add(counter)
+                    counter.last_version += 1
                     module = Module(
                         namespace=name.namespace,
                         name=name.name,
-                        version=(latest or 0) + 1,
+                        version=counter.last_version,
                         kind=kind,
                         digest=digest,
                         config_digest=config_digest,
@@ -299,6 +320,16 @@ class Registry:
                     session.flush()
                     if attach is not None:
                         attach(session, module)
+                    # Inputs known only from imported provenance become ordinary nodes now.
+                    session.execute(
+                        update(DerivationInput)
+                        .where(
+                            DerivationInput.input_id.is_(None),
+                            DerivationInput.input_digest == digest,
+                            DerivationInput.module_id != module.id,  # a port shares its input's digest
+                        )
+                        .values(input_id=module.id)
+                    )
                     session.flush()
                     return _module_info(module, created=True)
             except IntegrityError:
@@ -572,14 +603,17 @@ class Registry:
                 )
                 for m in sorted(modules.values(), key=lambda m: (m.id != root.id, m.ref))
             ]
-            return Lineage(
-                root=root.ref,
-                nodes=nodes,
-                edges=[
-                    LineageEdge(output=modules[e.module_id].ref, input=modules[e.input_id].ref, method=e.method, a=e.a, b=e.b)
-                    for e in edges
-                ],
-            )
+            edge_list = []
+            for e in edges:
+                if e.input_id is None:  # known only from imported provenance
+                    label = lineage_queries.external_label(e.external, e.input_digest)
+                    if all(n.ref != label for n in nodes):
+                        nodes.append(LineageNode(ref=label, digest=e.input_digest, kind="external",
+                                                 peft_type=modules[e.module_id].peft_type, method=None, expression=None))
+                else:
+                    label = modules[e.input_id].ref
+                edge_list.append(LineageEdge(output=modules[e.module_id].ref, input=label, method=e.method, a=e.a, b=e.b))
+            return Lineage(root=root.ref, nodes=nodes, edges=edge_list)
 
     def descendants(self, ref: str) -> list[Descendant]:
         """Every module derived from ``ref``, transitively, with a shortest path to it."""
@@ -608,11 +642,23 @@ class Registry:
 
     def _content_terms(self, session: Session, root_id: int) -> list[ContentTerm]:
         weights = lineage_queries.effective_weights(session, root_id)
-        ids = [module_id for module_id, _, _ in weights]
+        ids = [module_id for module_id, _, _, _ in weights if module_id is not None]
         modules = {m.id: m for m in session.scalars(select(Module).where(Module.id.in_(ids)))}
         derived = set(session.scalars(select(Derivation.module_id).where(Derivation.module_id.in_(ids))))
+        externals = {
+            row.input_digest: row.external for row in session.execute(
+                select(DerivationInput.input_digest, DerivationInput.external).where(
+                    DerivationInput.input_id.is_(None),
+                    DerivationInput.input_digest.in_([d for i, d, _, _ in weights if i is None]),
+                )
+            )
+        }
         terms = []
-        for module_id, a, b in weights:
+        for module_id, digest, a, b in weights:
+            if module_id is None:
+                label = lineage_queries.external_label(externals.get(digest), digest)
+                terms.append(ContentTerm(ref=label, digest=digest, kind="external", a=a, b=b, opaque=False))
+                continue
             module = modules[module_id]
             opaque = module_id in derived and module_id != root_id
             terms.append(ContentTerm(
@@ -756,6 +802,142 @@ class Registry:
             task=module.task, tags=[], description=module.description, source=None, attach=attach,
         )
 
+    # --- the Hub ------------------------------------------------------------------------------
+
+    def pull(
+        self,
+        repo: str,
+        *,
+        name: str | None = None,
+        task: str | None = None,
+        tags: dict[str, str] | None = None,
+        endpoint: str | None = None,
+    ) -> ModuleInfo:
+        """Register the adapter at ``REPO_ID[@REVISION]`` on the Hub (kind ``pulled``), pinned
+        to the commit the revision resolves to. Pulling a commit already pulled returns its
+        module (``created`` False); a new commit becomes a new version. Provenance in a
+        ``pem-provenance.json`` sidecar is imported."""
+        repo_id, revision = hub.parse_repo_reference(repo)
+        module_name = parse_module_name(name or hub.default_name(repo_id))
+        tag_pairs = parse_tags(tags)
+        check_lengths(task=task)
+        endpoint = (endpoint or self.settings.hub_endpoint).rstrip("/")
+        commit, names = hub.resolve(repo_id, revision, endpoint)
+        with self._session() as session:
+            known = session.scalars(
+                select(Module).join(HubLink, HubLink.module_id == Module.id).where(
+                    HubLink.direction == "pull", HubLink.repo_id == repo_id, HubLink.commit == commit,
+                    Module.namespace == module_name.namespace, Module.name == module_name.name,
+                )
+            ).first()
+            if known is not None:
+                return _module_info(known, created=False)
+        with tempfile.TemporaryDirectory(prefix="pem-pull-") as tmp:
+            files = hub.download(repo_id, commit, names, endpoint, Path(tmp))
+            config, metadata, digest, size = self._ingest(Path(tmp))
+            weights_oid = hub.git_blob_oid(Path(tmp) / WEIGHTS_FILE)
+            file_sha256 = _file_sha256(Path(tmp) / WEIGHTS_FILE)
+        link = HubLink(direction="pull", endpoint=endpoint, repo_id=repo_id, revision=revision or "main",
+                       commit=commit, weights_oid=weights_oid)
+        sidecar = files.sidecar if files.sidecar and files.sidecar.module.digest == digest else None
+
+        def attach(session: Session, module: Module) -> None:
+            link.module_id = module.id
+            session.add(link)
+            if sidecar is not None and sidecar.derivation is not None:
+                session.add(_imported_derivation(session, module, sidecar, repo_id, commit))
+
+        source = {"hub": {"endpoint": endpoint, "repo_id": repo_id, "revision": revision, "commit": commit,
+                          "file_sha256": file_sha256}, "card": files.card}
+        info = self._register(
+            module_name, kind="pulled", digest=digest, size_bytes=size, config=config, metadata=metadata,
+            task=task, tags=tag_pairs, description=None, source=source, attach=attach,
+        )
+        if not info.created:  # same content as a version we have: remember this commit too
+            with self._session() as session, session.begin():
+                link.module_id = session.scalars(select(Module.id).where(
+                    Module.namespace == module_name.namespace, Module.name == module_name.name,
+                    Module.version == info.version)).one()
+                session.add(link)
+        return info
+
+    def push(
+        self,
+        ref: str,
+        repo: str,
+        *,
+        private: bool = False,
+        branch: str | None = None,
+        message: str | None = None,
+        endpoint: str | None = None,
+    ) -> PushResult:
+        """Publish a module to the Hub: config, weights, a model card and the provenance
+        sidecar. Creates the repo if needed; unchanged content makes no new commit."""
+        repo_id, revision = hub.parse_repo_reference(repo)
+        if revision:
+            raise InvalidNameError(f"push takes a repo id without @revision: use --branch {revision}")
+        endpoint = (endpoint or self.settings.hub_endpoint).rstrip("/")
+        with self._session() as session:
+            module = self._resolve(session, ref)
+            input_ids = [i.input_id for i in module.derivation.inputs if i.input_id] if module.derivation else []
+            links = {
+                link.module_id: {"repo_id": link.repo_id, "commit": link.commit}
+                for link in session.scalars(select(HubLink).where(HubLink.module_id.in_(input_ids)).order_by(HubLink.id))
+            }
+            sidecar = hub.sidecar_for(module, links)
+            card = hub.model_card(module, sidecar)
+            config, module_id, module_ref = module.config, module.id, module.ref
+        weights = self.store.local_path(module.digest)
+        with tempfile.TemporaryDirectory(prefix="pem-push-") as tmp:
+            hub.stage_push(Path(tmp), config, weights, card, sidecar)
+            commit = hub.upload(endpoint, repo_id, Path(tmp), private=private, branch=branch,
+                                message=message or f"pem-registry: push {module_ref}")
+        with self._session() as session, session.begin():
+            session.add(HubLink(module_id=module_id, direction="push", endpoint=endpoint, repo_id=repo_id,
+                                revision=branch or "main", commit=commit, weights_oid=hub.git_blob_oid(weights)))
+        return PushResult(ref=module_ref, repo_id=repo_id, branch=branch or "main", commit=commit,
+                          url=f"{endpoint}/{repo_id}")
+
+    def sync(self, *, pull: bool = False, endpoint: str | None = None) -> list[SyncStatus]:
+        """For each pulled module, whether its repo moved on since the pinned commit; for each
+        pushed one, whether the remote still holds what was pushed. ``pull`` pulls new
+        commits as new versions."""
+        with self._session() as session:
+            latest = select(func.max(HubLink.id)).group_by(HubLink.module_id, HubLink.direction, HubLink.repo_id,
+                                                           HubLink.revision)
+            rows = [
+                (link, module.ref, module.full_name)
+                for link, module in session.execute(
+                    select(HubLink, Module).join(Module, Module.id == HubLink.module_id)
+                    .where(HubLink.id.in_(latest)).order_by(HubLink.id)
+                )
+            ]
+        statuses = []
+        for link, ref, full_name in rows:
+            statuses.append(self._sync_one(link, ref, full_name, pull, endpoint or link.endpoint))
+        return statuses
+
+    def _sync_one(self, link: HubLink, ref: str, full_name: str, pull: bool, endpoint: str) -> SyncStatus:
+        base = dict(ref=ref, direction=link.direction, repo_id=link.repo_id, revision=link.revision, commit=link.commit)
+        try:
+            head = hub.remote_head(endpoint, link.repo_id, link.revision)
+            if link.direction == "pull":
+                if head == link.commit:
+                    return SyncStatus(**base, remote_commit=head, status="up-to-date", detail="pinned commit is the head")
+                pulled = None
+                if pull:
+                    pulled = self.pull(f"{link.repo_id}@{link.revision}", name=full_name, endpoint=endpoint).ref
+                return SyncStatus(**base, remote_commit=head, status="behind", pulled=pulled,
+                                  detail=f"{link.revision} moved to {head[:12]}")
+            oid = hub.remote_weights_oid(endpoint, link.repo_id, link.revision)
+        except HubError as exc:
+            return SyncStatus(**base, remote_commit=None, status="error", detail=str(exc))
+        if oid is None:
+            return SyncStatus(**base, remote_commit=head, status="missing", detail="the weights are gone from the remote")
+        if oid != link.weights_oid:
+            return SyncStatus(**base, remote_commit=head, status="changed", detail="the remote weights differ from what was pushed")
+        return SyncStatus(**base, remote_commit=head, status="in-sync", detail="the remote holds what was pushed")
+
     # --- exporting and removing ---------------------------------------------------------------
 
     def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
@@ -845,6 +1027,34 @@ def _file_sha256(path: Path) -> str:
 
 
 # --- rows to results --------------------------------------------------------------------------
+
+
+def _imported_derivation(
+    session: Session, module: Module, sidecar: ProvenanceSidecar, repo_id: str, commit: str
+) -> Derivation:
+    """The derivation a pulled sidecar describes; inputs registered here (by digest) are
+    linked, the others are external nodes with the repo and commit they were published at."""
+    assert sidecar.derivation is not None
+    d = sidecar.derivation
+    digests = [i.digest for i in d.inputs]
+    local = {}
+    for row in session.execute(select(Module.digest, func.min(Module.id)).where(Module.digest.in_(digests))
+                               .group_by(Module.digest)):
+        local[row[0]] = row[1]
+    inputs = [
+        DerivationInput(
+            position=n, input_id=local.get(i.digest), input_digest=i.digest, a=i.a, b=i.b,
+            external={"ref": i.ref, **(i.hub or {})},
+        )
+        for n, i in enumerate(d.inputs)
+    ]
+    identity = hashlib.sha256(json.dumps(["imported", repo_id, commit, module.digest]).encode()).hexdigest()
+    environment = {**d.environment, "imported_from": f"{repo_id}@{commit}"}
+    return Derivation(
+        module_id=module.id, expression=d.expression, canonical=d.canonical, method=d.method,
+        method_version=d.method_version, parameters=d.parameters, results=d.results, environment=environment,
+        identity=identity, inputs=inputs,
+    )
 
 
 def _environment() -> dict[str, Any]:

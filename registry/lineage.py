@@ -42,8 +42,8 @@ def edges_into(session: Session, ids_cte: Any) -> list[Any]:
     """Every edge whose output is in ``ids_cte``, with its method (one query)."""
     query = (
         select(
-            DerivationInput.module_id, DerivationInput.input_id, DerivationInput.a, DerivationInput.b,
-            DerivationInput.position, Derivation.method,
+            DerivationInput.module_id, DerivationInput.input_id, DerivationInput.input_digest, DerivationInput.external,
+            DerivationInput.a, DerivationInput.b, DerivationInput.position, Derivation.method,
         )
         .join(Derivation, Derivation.module_id == DerivationInput.module_id)
         .where(DerivationInput.module_id.in_(select(ids_cte.c.id)))
@@ -90,30 +90,43 @@ def shortest_paths(root_id: int, edges: list[Any]) -> dict[int, list[int]]:
     return paths
 
 
-def effective_weights(session: Session, root_id: int) -> list[tuple[int, float, float]]:
-    """(module id, a, b) of each module where the linear walk from ``root_id`` stops: a
-    module that was not derived, or one derived by a non-linear method. Coefficients
-    multiply along a path and add over paths (SEMANTICS.md section 2). The root's own
-    derivation is always opened, whatever its method, so that the contents of a non-linear
-    module are its inputs' contents; a root that was not derived contains itself."""
+def effective_weights(session: Session, root_id: int) -> list[tuple[int | None, str, float, float]]:
+    """(module id, digest, a, b) of each module where the linear walk from ``root_id``
+    stops: a module that was not derived, one derived by a non-linear method, or an
+    external input (id None, known by digest). Coefficients multiply along a path and add
+    over paths (SEMANTICS.md section 2). The root's own derivation is always opened,
+    whatever its method, so that the contents of a non-linear module are its inputs'
+    contents; a root that was not derived contains itself."""
+    root_digest = session.scalar(select(Module.digest).where(Module.id == root_id))
     root_derived = session.scalar(select(Derivation.module_id).where(Derivation.module_id == root_id)) is not None
     walk = select(
-        literal(root_id, Integer).label("id"), literal(1.0).label("a"), literal(1.0).label("b")
+        literal(root_id, Integer).label("id"), literal(root_digest).label("digest"),
+        literal(1.0).label("a"), literal(1.0).label("b"),
     ).cte("walk", recursive=True)
     opened = or_(Derivation.method.in_(LINEAR_METHODS), walk.c.id == root_id)
     step = (
-        select(DerivationInput.input_id, walk.c.a * DerivationInput.a, walk.c.b * DerivationInput.b)
+        select(
+            DerivationInput.input_id, DerivationInput.input_digest,
+            walk.c.a * DerivationInput.a, walk.c.b * DerivationInput.b,
+        )
         .join(walk, DerivationInput.module_id == walk.c.id)
         .join(Derivation, and_(Derivation.module_id == walk.c.id, opened))
     )
     walk = walk.union_all(step)
     linear_outputs = select(Derivation.module_id).where(Derivation.method.in_(LINEAR_METHODS))
     query = (
-        select(walk.c.id, func.sum(walk.c.a), func.sum(walk.c.b))
-        .where(walk.c.id.not_in(linear_outputs))
-        .group_by(walk.c.id)
-        .order_by(walk.c.id)
+        select(walk.c.id, walk.c.digest, func.sum(walk.c.a), func.sum(walk.c.b))
+        .where(or_(walk.c.id.is_(None), walk.c.id.not_in(linear_outputs)))
+        .group_by(walk.c.id, walk.c.digest)
+        .order_by(walk.c.id, walk.c.digest)
     )
     if root_derived:
-        query = query.where(walk.c.id != root_id)
-    return [(row[0], float(row[1]), float(row[2])) for row in session.execute(query)]
+        query = query.where(or_(walk.c.id.is_(None), walk.c.id != root_id))
+    return [(row[0], row[1], float(row[2]), float(row[3])) for row in session.execute(query)]
+
+
+def external_label(external: dict[str, Any] | None, digest: str) -> str:
+    """How an external input is named: its ref where it was made, and its Hub repo if known."""
+    external = external or {}
+    ref = external.get("ref") or f"sha256:{digest[:12]}"
+    return f"{external['repo_id']}:{ref}" if external.get("repo_id") else f"external:{ref}"

@@ -285,3 +285,13 @@ class SyncStatus(BaseModel):
     status: Literal["up-to-date", "behind", "in-sync", "changed", "missing", "error"]
     detail: str
     pulled: str | None = Field(default=None, description="with --pull: the new version registered")
+
+
+class PushResult(BaseModel):
+    """``pem push --json``."""
+
+    ref: str
+    repo_id: str
+    branch: str
+    commit: str
+    url: str

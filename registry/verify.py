@@ -49,7 +49,10 @@ def verify_modules(registry: Any, session: Session, modules: list[Module], progr
         if module.digest not in blob_problems:
             blob_problems[module.digest] = blob_problem(registry.store, module.digest)
         problem = blob_problems[module.digest]
-        if problem is None and module.derivation is not None and module.derivation.method in METHODS:
+        external = module.derivation is not None and any(i.input is None for i in module.derivation.inputs)
+        if problem is None and external:
+            notes.append(f"{module.ref}: some inputs are external (imported provenance): not re-derived")
+        elif problem is None and module.derivation is not None and module.derivation.method in METHODS:
             for item in module.derivation.inputs:
                 if item.input.digest not in blob_problems:
                     blob_problems[item.input.digest] = blob_problem(registry.store, item.input.digest)

@@ -14,10 +14,25 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+import socket
+import tempfile
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # The Hub client reads these once, when first imported (peft and transformers import it):
-# set them before anything else. No test ever reaches huggingface.co.
-os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+# set them before anything else. HF_ENDPOINT is the suite's own Hub-compatible server (the
+# `hub` fixture starts it on this port), so PEFT's loader reaches it too; no test ever
+# reaches huggingface.co.
+HUB_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="pem-test-hf-cache-")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_ETAG_TIMEOUT"] = "2"
 os.environ.setdefault("HF_TOKEN", "test-token")
 for _var in ("PEM_HOME", "PEM_DATABASE_URL", "PEM_STORE", "PEM_USER"):
     os.environ.pop(_var, None)  # the developer's own registry never leaks into a test
@@ -29,8 +44,14 @@ PG_ADMIN_URL = os.environ.get("PEM_TEST_POSTGRES_URL", "postgresql+psycopg://pos
 BACKENDS = ["sqlite", "postgresql"]
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    os.environ.setdefault("HF_HUB_CACHE", str(Path(config.rootpath) / ".pytest_cache" / "hf"))
+@pytest.fixture(scope="session")
+def hub():
+    """The suite's Hub-compatible server at $HF_ENDPOINT (tests use their own repo names)."""
+    from hub_server import HubServer
+
+    server = HubServer(port=HUB_PORT).start()
+    yield server
+    server.stop()
 
 
 class PostgresDatabases:

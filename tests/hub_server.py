@@ -169,14 +169,14 @@ class HubServer:
     the client.
     """
 
-    def __init__(self, user: str = "test-user") -> None:
+    def __init__(self, user: str = "test-user", port: int = 0) -> None:
         self.user = user
         self._repos: dict[str, _Repo] = {}
         self._lock = threading.RLock()
         self._valid_tokens: set[str] | None = None
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._port = 0
+        self._port = port
         self.requests: list[tuple[str, str]] = []  # (method, raw path), in arrival order
 
     # ----------------------------------------------------------------- lifecycle

@@ -1,14 +1,16 @@
-"""hub links and external inputs
+"""hub links, external inputs, and version counters
 
 hub_links records where a module was pulled from or pushed to (repo, commit, weights oid).
 derivation_inputs.input_id becomes nullable: an input known only from provenance imported
 from the Hub is an external node (its digest, plus repo and commit in `external`) until a
-module with that digest is registered. Downgrading deletes such external edges first: the
-older schema cannot hold them.
+module with that digest is registered. module_names keeps the last version given to each
+name, so that removing the latest version never lets a later registration reuse its number;
+it starts from the versions already registered. Downgrading deletes external edges first:
+the older schema cannot hold them.
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-11-24 05:58:46.080922
+Create Date: 2026-11-24 06:02:50.655841
 """
 from typing import Sequence, Union
 
@@ -23,6 +25,16 @@ depends_on: Union[str, Sequence[str], None] = None
 
 
 def upgrade() -> None:
+    op.create_table('module_names',
+    sa.Column('namespace', sa.String(length=96), nullable=False),
+    sa.Column('name', sa.String(length=96), nullable=False),
+    sa.Column('last_version', sa.Integer(), nullable=False),
+    sa.PrimaryKeyConstraint('namespace', 'name', name=op.f('pk_module_names'))
+    )
+    op.execute(
+        "INSERT INTO module_names (namespace, name, last_version) "
+        "SELECT namespace, name, MAX(version) FROM modules GROUP BY namespace, name"
+    )
     op.create_table('hub_links',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('module_id', sa.Integer(), nullable=False),
@@ -63,3 +75,4 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_hub_links_module_id'))
 
     op.drop_table('hub_links')
+    op.drop_table('module_names')

@@ -31,6 +31,14 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def sqlite_file_missing(url: str) -> str | None:
+    """The path of a SQLite database file that does not exist yet, else None."""
+    parsed = make_url(normalize_url(url))
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return None if Path(parsed.database).exists() else parsed.database
+    return None
+
+
 def make_engine(url: str) -> Engine:
     url = normalize_url(url)
     kwargs: dict[str, Any] = {}

@@ -70,6 +70,17 @@ class Blob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class NameCounter(Base):
+    """The last version ever given to a name, so that a removed version is never reused:
+    ``team/x@2`` always means the same tensors, wherever it was written down."""
+
+    __tablename__ = "module_names"
+
+    namespace: Mapped[str] = mapped_column(String(96), primary_key=True)
+    name: Mapped[str] = mapped_column(String(96), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer)
+
+
 class Module(Base):
     """One registered version of a named module: its metadata, config and blob."""
 
