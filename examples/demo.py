@@ -93,6 +93,26 @@ def main() -> None:
     pem("list", "--kind", "derived")
     pem("show", "team/sentiment-detox")
 
+    print("\nProvenance: what is it made of, what was built from that, can we rebuild it?")
+    pem("compose", "team/sentiment-detox - 0.2*team/yelp", "--name", "team/less-yelp", "--method", "exact")
+    pem("lineage", "team/less-yelp")
+    pem("lineage", "team/less-yelp", "--format", "mermaid")
+    pem("contents", "team/less-yelp")
+    pem("descendants", "team/yelp")
+    pem("verify", "--all")
+
+    print("\nPorting to another host of the same architecture (Sabry & Belz, 2024):")
+    hosts = WORK / "hosts"
+    for host_id, vocab in ((BASE_MODEL, 128), ("demo-org/tiny-llama-v2", 128)):
+        config = tiny_llama().config
+        config.architectures = ["LlamaForCausalLM"]
+        config.vocab_size = vocab
+        config.save_pretrained(hosts / host_id.replace("/", "--"))
+        pem("base", "add", host_id, "--config", str(hosts / host_id.replace("/", "--") / "config.json"))
+    pem("port", "team/toxic", "--to", "demo-org/tiny-llama-v2", "--dry-run")
+    pem("port", "team/toxic", "--to", "demo-org/tiny-llama-v2", "--name", "team/toxic-v2")
+    pem("lineage", "team/toxic-v2")
+
     export_dir = WORK / "export" / "sentiment-detox"
     pem("export", "team/sentiment-detox", str(export_dir))
     from peft import PeftModel
