@@ -144,6 +144,7 @@ def _tags_from_options(values: Iterable[str]) -> dict[str, str]:
 @click.option("--base-model", help="Base model id (overrides adapter_config.json).")
 @click.option("--base-revision", help="Base model revision (overrides adapter_config.json).")
 @click.option("--description", help="A sentence on what it is.")
+@click.option("--allow-nonfinite", is_flag=True, help="Register even if tensors hold NaN or Inf.")
 @json_option
 @with_registry
 def add(registry: Any, path: str, name: str, tags: tuple[str, ...], as_json: bool, **options: Any) -> None:
@@ -583,6 +584,26 @@ def sync(registry: Any, do_pull: bool, endpoint: str | None, as_json: bool) -> N
         click.echo(f"{st.ref}  {st.direction} {st.repo_id}@{st.revision}  {st.status}: {st.detail}{pulled}")
     if not statuses:
         click.echo("no module was pulled from or pushed to the Hub")
+
+
+@pem.command()
+@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+@click.option("--grace", type=float, default=3600.0, show_default=True,
+              help="Spare blobs and partial writes younger than this many seconds (writers in flight).")
+@json_option
+@with_registry
+def gc(registry: Any, dry_run: bool, grace: float, as_json: bool) -> None:
+    """Delete blobs no module references (and partial writes left by crashes)."""
+    report = registry.gc(dry_run=dry_run, grace_seconds=grace)
+    if as_json:
+        echo_json(report)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for digest in report.blobs:
+        click.echo(f"{verb} blob sha256:{digest}")
+    for path in report.temporary_files:
+        click.echo(f"{verb} partial write {path}")
+    click.echo(f"{len(report.blobs)} blobs, {len(report.temporary_files)} partial writes, {human_size(report.bytes_freed)}")
 
 
 def main() -> None:

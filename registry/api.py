@@ -18,11 +18,12 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -33,16 +34,18 @@ from registry.db.engine import (
     current_revision,
     make_engine,
     make_sessionmaker,
+    WRITE,
     require_current_schema,
     sqlite_file_missing,
 )
 from registry import lineage as lineage_queries
 from registry.compose.plan import InputModule, OutputPlan, bind_terms, build_plan, parse_expression
-from registry import __version__, hosts, hub
+from registry import __version__, faults, hosts, hub
 from registry.db.models import Blob, BaseModelRecord, Derivation, DerivationInput, HubLink, Module, NameCounter, Tag
 
 from registry.errors import (
     AmbiguousReferenceError,
+    BlobStoreError,
     DatabaseError,
     IncompatibleModulesError,
     InvalidAdapterError,
@@ -69,6 +72,7 @@ from registry.schemas import (
     Contents,
     Descendant,
     Deviation,
+    GcReport,
     Lineage,
     LineageEdge,
     LineageNode,
@@ -90,7 +94,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 TAG_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-VERSION_RETRIES = 5  # concurrent registrations of one name race for the next version
+VERSION_RETRIES = 5
+GC_GRACE_SECONDS = 3600.0  # unreferenced blobs younger than this may belong to a writer in flight  # concurrent registrations of one name race for the next version
 
 
 def parse_tag(text: str) -> tuple[str, str]:
@@ -192,6 +197,13 @@ class Registry:
         except OperationalError as exc:
             raise DatabaseError(f"database error: {str(exc.orig).strip().splitlines()[0]}") from None
 
+    @contextmanager
+    def _write_session(self) -> Iterator[Session]:
+        """A session in one write transaction, committed on success (BEGIN IMMEDIATE on SQLite)."""
+        with self._session() as session, session.begin():
+            session.connection(execution_options=WRITE)
+            yield session
+
     # --- registering --------------------------------------------------------------------------
 
     def add(
@@ -204,6 +216,7 @@ class Registry:
         base_model: str | None = None,
         base_revision: str | None = None,
         description: str | None = None,
+        allow_nonfinite: bool = False,
     ) -> ModuleInfo:
         """Register the PEFT adapter folder at ``path`` as ``name`` (``NS/NAME``).
 
@@ -214,7 +227,7 @@ class Registry:
         tag_pairs = parse_tags(tags)
         check_lengths(task=task, base_model=base_model, base_revision=base_revision)
         folder = Path(path)
-        config, metadata, digest, size = self._ingest(folder, base_model, base_revision)
+        config, metadata, digest, size = self._ingest(folder, base_model, base_revision, allow_nonfinite)
         return self._register(
             module_name,
             kind="trained",
@@ -229,7 +242,8 @@ class Registry:
         )
 
     def _ingest(
-        self, folder: Path, base_model: str | None = None, base_revision: str | None = None
+        self, folder: Path, base_model: str | None = None, base_revision: str | None = None,
+        allow_nonfinite: bool = False,
     ) -> tuple[dict[str, Any], AdapterMetadata, str, int]:
         """Validate an adapter folder and store its weights in canonical form: (config,
         metadata, digest, size). Every check runs before the blob is written."""
@@ -244,7 +258,7 @@ class Registry:
             raise InvalidAdapterError(f"{folder / CONFIG_FILE} has no base_model_name_or_path: pass --base-model ID")
         check_lengths(base_model=metadata.base_model, base_revision=metadata.base_revision)
         with self.store.writer() as writer:
-            copy_canonical(header, writer.sink)
+            copy_canonical(header, writer.sink, allow_nonfinite)
             size = writer.sink.bytes_written
             digest = writer.commit()
         return config, metadata, digest, size
@@ -269,7 +283,7 @@ class Registry:
         config_digest = _canonical_json_digest(config)
         for attempt in range(VERSION_RETRIES):
             try:
-                with self._session() as session, session.begin():
+                with self._write_session() as session:
                     existing = session.scalars(
                         select(Module).where(
                             Module.namespace == name.namespace,
@@ -282,6 +296,8 @@ class Registry:
                         return _module_info(existing, created=False)
                     if session.get(Blob, digest) is None:
                         session.add(Blob(digest=digest, size_bytes=size_bytes))
+                    if not self.store.exists(digest):  # collected by a concurrent `pem gc`
+                        raise BlobStoreError(f"blob sha256:{digest[:12]} vanished before registration: try again")
                     counter = session.get(NameCounter, (name.namespace, name.name))
                     if counter is None:
                         counter = NameCounter(namespace=name.namespace, name=name.name, last_version=0)
@@ -318,6 +334,7 @@ class Registry:
                     )
                     session.add(module)
                     session.flush()
+                    faults.point("row-flushed")
                     if attach is not None:
                         attach(session, module)
                     # Inputs known only from imported provenance become ordinary nodes now.
@@ -693,7 +710,7 @@ class Registry:
             config_path = download_config(reference.model_id, reference.revision, endpoint or self.settings.hub_endpoint)
         config = hosts.read_config(Path(config_path))
         structure = hosts.build_structure(config)
-        with self._session() as session, session.begin():
+        with self._write_session() as session:
             record = session.scalars(
                 select(BaseModelRecord).where(
                     BaseModelRecord.model_id == reference.model_id, BaseModelRecord.revision == (reference.revision or "")
@@ -834,6 +851,7 @@ class Registry:
                 return _module_info(known, created=False)
         with tempfile.TemporaryDirectory(prefix="pem-pull-") as tmp:
             files = hub.download(repo_id, commit, names, endpoint, Path(tmp))
+            faults.point("pull-downloaded")
             config, metadata, digest, size = self._ingest(Path(tmp))
             weights_oid = hub.git_blob_oid(Path(tmp) / WEIGHTS_FILE)
             file_sha256 = _file_sha256(Path(tmp) / WEIGHTS_FILE)
@@ -854,7 +872,7 @@ class Registry:
             task=task, tags=tag_pairs, description=None, source=source, attach=attach,
         )
         if not info.created:  # same content as a version we have: remember this commit too
-            with self._session() as session, session.begin():
+            with self._write_session() as session:
                 link.module_id = session.scalars(select(Module.id).where(
                     Module.namespace == module_name.namespace, Module.name == module_name.name,
                     Module.version == info.version)).one()
@@ -892,7 +910,7 @@ class Registry:
             hub.stage_push(Path(tmp), config, weights, card, sidecar)
             commit = hub.upload(endpoint, repo_id, Path(tmp), private=private, branch=branch,
                                 message=message or f"pem-registry: push {module_ref}")
-        with self._session() as session, session.begin():
+        with self._write_session() as session:
             session.add(HubLink(module_id=module_id, direction="push", endpoint=endpoint, repo_id=repo_id,
                                 revision=branch or "main", commit=commit, weights_oid=hub.git_blob_oid(weights)))
         return PushResult(ref=module_ref, repo_id=repo_id, branch=branch or "main", commit=commit,
@@ -938,6 +956,30 @@ class Registry:
             return SyncStatus(**base, remote_commit=head, status="changed", detail="the remote weights differ from what was pushed")
         return SyncStatus(**base, remote_commit=head, status="in-sync", detail="the remote holds what was pushed")
 
+    # --- maintenance --------------------------------------------------------------------------
+
+    def gc(self, *, dry_run: bool = False, grace_seconds: float = GC_GRACE_SECONDS) -> GcReport:
+        """Delete blobs no module references, and partial writes of crashed writers, older than
+        ``grace_seconds`` (a writer stores its blob before committing its row: a recent
+        unreferenced blob may be about to be registered). ``dry_run`` only lists them."""
+        now = time.time()
+        with self._write_session() as session:
+            if self.engine.dialect.name == "postgresql":  # writers wait while blobs are collected
+                session.execute(text("LOCK TABLE blobs IN ACCESS EXCLUSIVE MODE"))
+            referenced = set(session.scalars(select(Module.digest).distinct()))
+            blobs = [d for d in self.store.digests() if d not in referenced and now - self.store.modified_at(d) >= grace_seconds]
+            stale_rows = list(session.scalars(select(Blob.digest).where(Blob.digest.not_in(select(Module.digest)))))
+            temporary = [p for p, mtime in self.store.temporary_files() if now - mtime >= grace_seconds]
+            freed = sum(self.store.local_path(d).stat().st_size for d in blobs)
+            if not dry_run:
+                for digest in stale_rows:
+                    session.delete(session.get(Blob, digest))
+                for digest in blobs:
+                    self.store.delete(digest)
+                for path in temporary:
+                    path.unlink(missing_ok=True)
+        return GcReport(dry_run=dry_run, blobs=blobs, temporary_files=[str(p) for p in temporary], bytes_freed=freed)
+
     # --- exporting and removing ---------------------------------------------------------------
 
     def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
@@ -966,7 +1008,7 @@ class Registry:
     def remove(self, ref: str) -> ModuleInfo:
         """Delete a module version; refused while modules derived from it exist. Its blob is
         deleted when no other module uses it."""
-        with self._session() as session, session.begin():
+        with self._write_session() as session:
             module = self._resolve(session, ref)
             dependents = session.scalars(
                 select(Module).join(DerivationInput, DerivationInput.module_id == Module.id)

@@ -36,6 +36,7 @@ DTYPE_SIZES: dict[str, int] = {
 FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_DIMENSION = 2**31  # no adapter tensor has a larger dimension; a larger one is hostile
 CANONICAL_METADATA = {"format": "pt"}
 COPY_CHUNK = 8 * 1024 * 1024
 
@@ -108,7 +109,9 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIMENSION for d in shape
+    ):
         raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
@@ -173,8 +176,26 @@ class HashingWriter:
         return self._hash.hexdigest()
 
 
-def copy_canonical(header: SafetensorsHeader, out: HashingWriter) -> None:
-    """Write the canonical form of the file behind ``header`` to ``out``."""
+# Bit masks of the exponent field, per float dtype: all ones means NaN or Inf.
+_EXPONENT_MASKS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
+                   "F64": ("<u8", 0x7FF0000000000000)}
+
+
+def has_nonfinite(dtype: str, chunk: bytes) -> bool:
+    """Whether a chunk of little-endian floats holds a NaN or an Inf (checked on the bits,
+    without torch)."""
+    if dtype not in _EXPONENT_MASKS:
+        return False
+    import numpy
+
+    view, mask = _EXPONENT_MASKS[dtype]
+    bits = numpy.frombuffer(chunk, dtype=view)
+    return bool(numpy.any((bits & mask) == mask))
+
+
+def copy_canonical(header: SafetensorsHeader, out: HashingWriter, allow_nonfinite: bool = False) -> None:
+    """Write the canonical form of the file behind ``header`` to ``out``; refuse NaN or Inf
+    values unless ``allow_nonfinite``."""
     header_bytes, _ = canonical_header((t.name, t.dtype, t.shape) for t in header.tensors.values())
     out.write(header_bytes)
     with open(header.path, "rb") as src:
@@ -186,5 +207,10 @@ def copy_canonical(header: SafetensorsHeader, out: HashingWriter) -> None:
                 chunk = os.pread(fd, min(COPY_CHUNK, info.end - position), position)
                 if not chunk:
                     raise _bad(header.path, f"file shrank while reading tensor {name!r}")
+                if not allow_nonfinite and has_nonfinite(info.dtype, chunk):
+                    raise InvalidAdapterError(
+                        f"{header.path}: tensor {name!r} holds NaN or Inf values: fix the adapter, or pass "
+                        "--allow-nonfinite to register it anyway"
+                    )
                 out.write(chunk)
                 position += len(chunk)

@@ -295,3 +295,12 @@ class PushResult(BaseModel):
     branch: str
     commit: str
     url: str
+
+
+class GcReport(BaseModel):
+    """``pem gc --json``."""
+
+    dry_run: bool
+    blobs: list[str] = Field(description="digests of unreferenced blobs (deleted unless dry_run)")
+    temporary_files: list[str] = Field(description="partial writes of crashed writers")
+    bytes_freed: int

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from registry import faults
 from registry.adapters import adapter_type
 from registry.compose.plan import OutputPlan
 from registry.errors import BlobStoreError, IncompatibleModulesError
@@ -137,6 +138,8 @@ def evaluate(
                     stats[key] = stats.get(key, 0.0) + value
                 pending.update(outputs)
                 done_layers += 1
+                if done_layers == 1:
+                    faults.point("compose-layer")
                 if progress is not None:
                     progress(done_layers, len(plan.layers))
             tensor = pending.pop(name).to(out_dtype).contiguous()

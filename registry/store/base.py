@@ -61,3 +61,11 @@ class BlobStore(ABC):
     @abstractmethod
     def digests(self) -> Iterator[str]:
         """Every digest the store holds."""
+
+    @abstractmethod
+    def modified_at(self, digest: str) -> float:
+        """When the blob was stored (seconds since the epoch): gc spares recent ones."""
+
+    @abstractmethod
+    def temporary_files(self) -> Iterator[tuple[Path, float]]:
+        """Partial writes left by crashed writers, with their modification times."""

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from registry import faults
 from registry.errors import BlobStoreError
 from registry.safetensors_io import HashingWriter
 from registry.store.base import BlobStore, BlobWriter
@@ -35,6 +36,7 @@ class LocalBlobWriter(BlobWriter):
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        faults.point("blob-written")
         final = self._store.blob_path(digest)
         if final.exists():
             self._tmp_path.unlink()
@@ -44,6 +46,7 @@ class LocalBlobWriter(BlobWriter):
             os.replace(self._tmp_path, final)
             _fsync_dir(final.parent)
         self._done = True
+        faults.point("blob-stored")
         return digest
 
     def abort(self) -> None:
@@ -77,6 +80,15 @@ class LocalBlobStore(BlobStore):
 
     def delete(self, digest: str) -> None:
         self.blob_path(digest).unlink(missing_ok=True)
+
+    def modified_at(self, digest: str) -> float:
+        return self.blob_path(digest).stat().st_mtime
+
+    def temporary_files(self) -> Iterator[tuple[Path, float]]:
+        """Leftovers of writers that never committed (crashed), with their modification time."""
+        if self.tmp_dir.is_dir():
+            for path in sorted(self.tmp_dir.iterdir()):
+                yield path, path.stat().st_mtime
 
     def digests(self) -> Iterator[str]:
         base = self.root / "sha256"
