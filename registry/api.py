@@ -770,12 +770,12 @@ class Registry:
         source = module.base_model + (f"@{module.base_revision}" if module.base_revision else "")
         target = host.model_id + (f"@{host.revision}" if host.revision else "")
         report = dict(module=module.ref, from_base=source, to_base=target)
-        if module.base_model == host.model_id and (module.base_revision or "") == host.revision:
+        revisions_agree = not module.base_revision or not host.revision or module.base_revision == host.revision
+        if module.base_model == host.model_id and revisions_agree:  # revisions count where both are known
             return PortReport(**report, level=hosts.SAME_BASE, evidence=[f"{module.ref} is already on {target}"])
         if host.structure is None:
             return PortReport(**report, level=hosts.UNKNOWN, evidence=[
-                f"the structure of {target} is unknown: install transformers (pip install 'pem-registry[hosts]') "
-                f"and run `pem base add {target} --config PATH` again"
+                f"the structure of {target} is unknown: {hosts.unknown_reason(host.config)}"
             ])
         missing, mismatched = hosts.structural_report(module.layers, host.structure)
         if missing or mismatched:
@@ -793,6 +793,11 @@ class Registry:
         with self._session() as session:
             module = self._resolve(session, ref)
             host = self._resolve_base(session, parse_base_reference(to))
+            taken = session.scalars(select(Module).where(
+                Module.namespace == output_name.namespace, Module.name == output_name.name)).first()
+            if taken is not None and not (taken.derivation and taken.derivation.method == "port"
+                                          and taken.digest == module.digest and taken.base_model == host.model_id):
+                raise NameConflictError(f"{output_name} already exists ({taken.ref}): choose another --name")
             report = self._port_report(module, host)
             if report.level != hosts.COMPATIBLE:
                 detail = "; ".join(report.evidence + report.missing[:3] + report.mismatched[:3])
@@ -1080,8 +1085,11 @@ def _imported_derivation(
     d = sidecar.derivation
     digests = [i.digest for i in d.inputs]
     local = {}
-    for row in session.execute(select(Module.digest, func.min(Module.id)).where(Module.digest.in_(digests))
-                               .group_by(Module.digest)):
+    for row in session.execute(
+        select(Module.digest, func.min(Module.id))
+        .where(Module.digest.in_(digests), Module.id != module.id)  # a port shares its input's digest
+        .group_by(Module.digest)
+    ):
         local[row[0]] = row[1]
     inputs = [
         DerivationInput(

@@ -45,25 +45,48 @@ def architecture(config: dict[str, Any]) -> str | None:
     return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
 
+def _transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unknown_reason(config: dict[str, Any]) -> str:
+    """Why the structure of a host could not be built, and what fixes it."""
+    if not _transformers_available():
+        return "transformers is not installed: pip install 'pem-registry[hosts]' and run `pem base add` again"
+    name = architecture(config)
+    if name is None:
+        return "its config.json names no `architectures` (e.g. [\"LlamaForCausalLM\"]): add it and run `pem base add` again"
+    import transformers
+
+    return (
+        f"transformers {transformers.__version__} cannot build {name} (model_type {config.get('model_type')!r}): "
+        "upgrade transformers, or check the config"
+    )
+
+
 def build_structure(config: dict[str, Any]) -> dict[str, list[int]] | None:
     """Adaptable module name -> weight shape [out, in] (Linear, Conv1D) or [num, dim]
     (Embedding), from the model built on the meta device. None when transformers is not
-    installed or does not know the architecture."""
-    try:
-        import torch
-        import transformers
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
+    installed, or the config names no architecture it can build (a bare backbone would
+    name its modules differently from the model the adapters were trained on)."""
+    name = architecture(config)
+    if name is None or not _transformers_available():
+        return None
+    import torch
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    model_class = getattr(transformers, name, None)
+    if model_class is None:
         return None
     try:
         model_config = transformers.AutoConfig.for_model(**config)
-        name = architecture(config)
-        model_class = getattr(transformers, name, None) if name else None
         with torch.device("meta"):
-            model = (
-                model_class(model_config) if model_class is not None
-                else transformers.AutoModel.from_config(model_config)
-            )
+            model = model_class(model_config)
     except Exception:  # an architecture this transformers cannot build: structure unknown
         return None
     structure: dict[str, list[int]] = {}
