@@ -870,7 +870,7 @@ class Registry:
             if sidecar is not None and sidecar.derivation is not None:
                 session.add(_imported_derivation(session, module, sidecar, repo_id, commit))
 
-        source = {"hub": {"endpoint": endpoint, "repo_id": repo_id, "revision": revision, "commit": commit,
+        source = {"hub": {"endpoint": endpoint, "repo_id": repo_id, "revision": revision or "main", "commit": commit,
                           "file_sha256": file_sha256}, "card": files.card}
         info = self._register(
             module_name, kind="pulled", digest=digest, size_bytes=size, config=config, metadata=metadata,
@@ -926,8 +926,13 @@ class Registry:
         pushed one, whether the remote still holds what was pushed. ``pull`` pulls new
         commits as new versions."""
         with self._session() as session:
-            latest = select(func.max(HubLink.id)).group_by(HubLink.module_id, HubLink.direction, HubLink.repo_id,
-                                                           HubLink.revision)
+            # The newest link of each (name, direction, repo, branch): once a new commit was
+            # pulled as @2, @1 is history, not a module that is behind.
+            latest = (
+                select(func.max(HubLink.id))
+                .join(Module, Module.id == HubLink.module_id)
+                .group_by(Module.namespace, Module.name, HubLink.direction, HubLink.repo_id, HubLink.revision)
+            )
             rows = [
                 (link, module.ref, module.full_name)
                 for link, module in session.execute(
@@ -935,10 +940,7 @@ class Registry:
                     .where(HubLink.id.in_(latest)).order_by(HubLink.id)
                 )
             ]
-        statuses = []
-        for link, ref, full_name in rows:
-            statuses.append(self._sync_one(link, ref, full_name, pull, endpoint or link.endpoint))
-        return statuses
+        return [self._sync_one(link, ref, full_name, pull, endpoint or link.endpoint) for link, ref, full_name in rows]
 
     def _sync_one(self, link: HubLink, ref: str, full_name: str, pull: bool, endpoint: str) -> SyncStatus:
         base = dict(ref=ref, direction=link.direction, repo_id=link.repo_id, revision=link.revision, commit=link.commit)
@@ -949,7 +951,8 @@ class Registry:
                     return SyncStatus(**base, remote_commit=head, status="up-to-date", detail="pinned commit is the head")
                 pulled = None
                 if pull:
-                    pulled = self.pull(f"{link.repo_id}@{link.revision}", name=full_name, endpoint=endpoint).ref
+                    info = self.pull(f"{link.repo_id}@{link.revision}", name=full_name, endpoint=endpoint)
+                    pulled = info.ref if info.created else None
                 return SyncStatus(**base, remote_commit=head, status="behind", pulled=pulled,
                                   detail=f"{link.revision} moved to {head[:12]}")
             oid = hub.remote_weights_oid(endpoint, link.repo_id, link.revision)
@@ -1180,7 +1183,11 @@ def _module_details(module: Module) -> ModuleDetails:
             results=derivation.results,
             environment=derivation.environment,
             inputs=[
-                ProvenanceInput(ref=i.input.ref, digest=i.input_digest, a=i.a, b=i.b) for i in derivation.inputs
+                ProvenanceInput(
+                    ref=i.input.ref if i.input is not None else lineage_queries.external_label(i.external, i.input_digest),
+                    digest=i.input_digest, a=i.a, b=i.b,
+                )
+                for i in derivation.inputs
             ],
             created_at=derivation.created_at,
         )

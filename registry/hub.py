@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -41,6 +42,8 @@ def hub_errors(what: str) -> Iterator[None]:
 
     try:
         yield
+    except hf_errors.HFValidationError as exc:
+        raise InvalidNameError(f"{what}: {str(exc).splitlines()[0]}") from None
     except hf_errors.RevisionNotFoundError:
         raise HubError(f"{what}: revision not found on the Hub") from None
     except hf_errors.EntryNotFoundError:
@@ -69,11 +72,18 @@ def api(endpoint: str):
     return HfApi(endpoint=endpoint)
 
 
+_REPO_SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?")
+
+
 def parse_repo_reference(text: str) -> tuple[str, str | None]:
-    """``REPO_ID[@REVISION]``; a repo id is ``NAME`` or ``NS/NAME`` and never contains '..'."""
+    """``REPO_ID[@REVISION]``; a repo id is ``NAME`` or ``NS/NAME`` by the Hub's rules
+    (letters, digits, '_', '.', '-'; no '--' or '..'; at most 96 characters a part)."""
     repo_id, _, revision = text.strip().partition("@")
     parts = repo_id.split("/")
-    if not repo_id or len(parts) > 2 or any(not p or p in (".", "..") or p.startswith(".") for p in parts) or "\\" in repo_id:
+    valid = 1 <= len(parts) <= 2 and all(
+        _REPO_SEGMENT.fullmatch(p) and "--" not in p and ".." not in p for p in parts
+    )
+    if not valid or ("@" in text and not revision):
         raise InvalidNameError(f"invalid Hub repo {text!r}: use NS/NAME or NS/NAME@REVISION")
     return repo_id, revision or None
 
