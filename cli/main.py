@@ -179,12 +179,12 @@ def list_(registry: Any, tags: tuple[str, ...], as_json: bool, **filters: Any) -
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column in ("MODULE", "KIND", "TYPE", "BASE MODEL", "TASK", "RANK", "DTYPE", "SIZE", "DIGEST", "TAGS"):
+    for column in ("MODULE", "KIND", "TYPE", "BASE MODEL", "TASK", "RANK", "DTYPE", "SIZE", "DIGEST", "ALIASES", "TAGS"):
         table.add_column(column)
     for m in modules:
         table.add_row(
             m.ref, m.kind, m.peft_type, m.base_model, m.task or "", str(m.rank or ""), m.dtype,
-            human_size(m.size_bytes), m.digest[:12], " ".join(f"{k}={v}" for k, v in m.tags.items()),
+            human_size(m.size_bytes), m.digest[:12], " ".join(m.aliases), " ".join(f"{k}={v}" for k, v in m.tags.items()),
         )
     _console().print(table) if modules else click.echo("no modules match")
 
@@ -213,6 +213,7 @@ def show(registry: Any, ref: str, as_json: bool) -> None:
         ("parameters", f"{details.num_parameters:,}"),
         ("size", human_size(details.size_bytes)),
         ("tags", " ".join(f"{k}={v}" for k, v in details.tags.items()) or "-"),
+        ("aliases", " ".join(details.aliases) or "-"),
         ("owner", details.owner),
         ("created", details.created_at.isoformat(timespec="seconds")),
     ]
@@ -604,6 +605,113 @@ def gc(registry: Any, dry_run: bool, grace: float, as_json: bool) -> None:
     for path in report.temporary_files:
         click.echo(f"{verb} partial write {path}")
     click.echo(f"{len(report.blobs)} blobs, {len(report.temporary_files)} partial writes, {human_size(report.bytes_freed)}")
+
+
+# --- aliases and metadata ----------------------------------------------------------------------
+
+
+@pem.group(cls=PemGroup)
+def alias() -> None:
+    """Movable labels on versions (team/sentiment@prod), with a log of every move."""
+
+
+@alias.command("set")
+@click.argument("name", metavar="NS/NAME")
+@click.argument("label", metavar="ALIAS")
+@click.argument("version", type=click.IntRange(min=1))
+@json_option
+@with_registry
+def alias_set(registry: Any, name: str, label: str, version: int, as_json: bool) -> None:
+    """Point NS/NAME@ALIAS at VERSION."""
+    info = registry.set_alias(name, label, version)
+    echo_json(info) if as_json else click.echo(f"{info.alias} -> {info.ref}")
+
+
+@alias.command("rm")
+@click.argument("name", metavar="NS/NAME")
+@click.argument("label", metavar="ALIAS")
+@with_registry
+def alias_rm(registry: Any, name: str, label: str) -> None:
+    """Remove NS/NAME@ALIAS."""
+    info = registry.remove_alias(name, label)
+    click.echo(f"removed {info.alias} (was {info.ref})")
+
+
+@alias.command("log")
+@click.argument("name", metavar="NS/NAME")
+@json_option
+@with_registry
+def alias_log(registry: Any, name: str, as_json: bool) -> None:
+    """Every move of NS/NAME's aliases, oldest first."""
+    moves = registry.alias_log(name)
+    if as_json:
+        echo_json(moves)
+        return
+    for m in moves:
+        before = f"@{m.from_version}" if m.from_version is not None else "(new)"
+        after = f"@{m.to_version}" if m.to_version is not None else "(removed)"
+        click.echo(f"{m.at.isoformat(timespec='seconds')}  {m.by:<12}  {m.alias}: {before} -> {after}")
+    if not moves:
+        click.echo(f"{name} has no alias history")
+
+
+@pem.command()
+@click.argument("ref")
+@click.argument("tags", nargs=-1, metavar="KEY=VALUE...")
+@click.option("--rm", "remove", multiple=True, metavar="KEY", help="Remove this tag; repeatable.")
+@json_option
+@with_registry
+def tag(registry: Any, ref: str, tags: tuple[str, ...], remove: tuple[str, ...], as_json: bool) -> None:
+    """Set or remove tags of REF (recorded with time and author; tensors never change)."""
+    info = registry.tag(ref, _tags_from_options(tags), list(remove))
+    echo_json(info) if as_json else click.echo(f"{info.ref}: " + (" ".join(f"{k}={v}" for k, v in info.tags.items()) or "no tags"))
+
+
+@pem.command()
+@click.argument("ref")
+@click.argument("text", required=False)
+@click.option("--clear", is_flag=True, help="Remove the description.")
+@with_registry
+def describe(registry: Any, ref: str, text: str | None, clear: bool) -> None:
+    """Set (or --clear) the description of REF (recorded with time and author)."""
+    if (text is None) == (not clear):
+        raise click.UsageError("give a TEXT or --clear")
+    info = registry.describe(ref, None if clear else text)
+    click.echo(f"{info.ref}: {info.description or '(no description)'}")
+
+
+@pem.command()
+@click.argument("ref")
+@json_option
+@with_registry
+def history(registry: Any, ref: str, as_json: bool) -> None:
+    """Metadata edits of REF (tags, description), oldest first."""
+    changes = registry.history(ref)
+    if as_json:
+        echo_json(changes)
+        return
+    for c in changes:
+        click.echo(f"{c.at.isoformat(timespec='seconds')}  {c.by:<12}  {c.field}: {c.old!r} -> {c.new!r}")
+    if not changes:
+        click.echo(f"{registry.resolve(ref).ref} has no metadata edits")
+
+
+@pem.command()
+@home_option
+@endpoint_option
+@json_option
+def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Check the database, the blob store, the cache and the Hub endpoint; exit 1 on a problem."""
+    from registry import Registry
+
+    checks = Registry.doctor(home, endpoint=endpoint)
+    if as_json:
+        echo_json(checks)
+    else:
+        for c in checks:
+            click.echo(f"{'ok' if c.ok else 'FAIL':<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
+    if not all(c.ok for c in checks if c.name != "hub"):  # the Hub is optional: only pull, push and sync need it
+        sys.exit(1)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from registry.db.engine import (
     current_revision,
     make_engine,
     make_sessionmaker,
+    SCHEMA_HEAD,
     WRITE,
     require_current_schema,
     sqlite_file_missing,
@@ -41,7 +42,20 @@ from registry.db.engine import (
 from registry import lineage as lineage_queries
 from registry.compose.plan import InputModule, OutputPlan, bind_terms, build_plan, parse_expression
 from registry import __version__, faults, hosts, hub
-from registry.db.models import Blob, BaseModelRecord, Derivation, DerivationInput, HubLink, Module, NameCounter, Tag
+from registry.db.models import Alias as AliasRow
+from registry.db.models import (
+    AliasEvent,
+    BaseModelRecord,
+    Blob,
+    Derivation,
+    DerivationInput,
+    HubLink,
+    MetadataEvent,
+    Module,
+    NameCounter,
+    Tag,
+    utcnow,
+)
 
 from registry.errors import (
     AmbiguousReferenceError,
@@ -63,9 +77,19 @@ from registry.errors import (
 )
 from registry.language import caret
 from registry.methods import DEFAULT_METHOD, get_method
-from registry.refs import BaseReference, ModuleName, Reference, parse_base_reference, parse_module_name, parse_reference
+from registry.refs import (
+    BaseReference,
+    ModuleName,
+    Reference,
+    parse_alias,
+    parse_base_reference,
+    parse_module_name,
+    parse_reference,
+)
 from registry.safetensors_io import SafetensorsHeader, copy_canonical, read_header
 from registry.schemas import (
+    AliasInfo,
+    AliasMove,
     BaseModelInfo,
     CheckReport,
     ContentTerm,
@@ -73,9 +97,11 @@ from registry.schemas import (
     Descendant,
     Deviation,
     GcReport,
+    HealthCheck,
     Lineage,
     LineageEdge,
     LineageNode,
+    MetadataChange,
     ModuleDetails,
     ModuleInfo,
     OutputSummary,
@@ -362,7 +388,8 @@ class Registry:
     def get(self, ref: str) -> ModuleDetails:
         """The module a reference names, with layers, config and provenance."""
         with self._session() as session:
-            return _module_details(self._resolve(session, ref))
+            module = self._resolve(session, ref)
+            return _module_details(module, _aliases_of(session, [module.id]).get(module.id, []))
 
     def list(
         self,
@@ -407,19 +434,25 @@ class Registry:
                 query = query.where(Module.id.in_(select(ids.c.id)), Module.id != root.id)
             rows = session.execute(query.order_by(Module.namespace, Module.name, Module.version).limit(limit)).all()
             tags_by_module: dict[int, dict[str, str]] = {}
+            aliases: dict[int, list[str]] = {}
             if rows:
                 matching = [row.id for row in rows] if limit is not None else query.with_only_columns(Module.id)
                 for tag in session.execute(
                     select(Tag.module_id, Tag.key, Tag.value).where(Tag.module_id.in_(matching)).order_by(Tag.key)
                 ):
                     tags_by_module.setdefault(tag.module_id, {})[tag.key] = tag.value
+                aliases = _aliases_of(session, matching)
         # Rows come from typed columns: construct without re-validating each field.
-        return [ModuleInfo.model_construct(**_info_fields(row, tags_by_module.get(row.id, {}))) for row in rows]
+        return [
+            ModuleInfo.model_construct(**_info_fields(row, tags_by_module.get(row.id, {}), aliases.get(row.id, [])))
+            for row in rows
+        ]
 
     def resolve(self, ref: str) -> ModuleInfo:
         """What a reference points at (without layers and config)."""
         with self._session() as session:
-            return _module_info(self._resolve(session, ref))
+            module = self._resolve(session, ref)
+            return _module_info(module, aliases=_aliases_of(session, [module.id]).get(module.id, []))
 
     def _resolve(self, session: Session, ref: str | Reference) -> Module:
         parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
@@ -429,9 +462,16 @@ class Registry:
         ns, name = parsed.module.namespace, parsed.module.name
         query = select(Module).where(Module.namespace == ns, Module.name == name)
         if parsed.alias is not None:
-            raise UnknownModuleError(
-                f"{parsed.text}: aliases are not supported yet; use {parsed.module}@VERSION or {parsed.module}"
-            )
+            module = session.scalars(
+                select(Module).join(AliasRow, AliasRow.module_id == Module.id).where(
+                    AliasRow.namespace == ns, AliasRow.name == name, AliasRow.alias == parsed.alias
+                )
+            ).first()
+            if module is None:
+                known = session.scalars(select(AliasRow.alias).where(AliasRow.namespace == ns, AliasRow.name == name)).all()
+                listed = f"; it has {', '.join(sorted(known))}" if known else "; set one with `pem alias set`"
+                raise UnknownModuleError(f"{parsed.module} has no alias {parsed.alias!r}{listed}")
+            return module
         if parsed.version is not None:
             module = session.scalars(query.where(Module.version == parsed.version)).first()
         else:
@@ -964,7 +1004,123 @@ class Registry:
             return SyncStatus(**base, remote_commit=head, status="changed", detail="the remote weights differ from what was pushed")
         return SyncStatus(**base, remote_commit=head, status="in-sync", detail="the remote holds what was pushed")
 
+    # --- aliases and metadata edits -----------------------------------------------------------
+
+    def set_alias(self, name: str, alias: str, version: int) -> AliasInfo:
+        """Point ``NAME@ALIAS`` at version ``version`` (creating or moving it); the move is logged."""
+        module_name, label = parse_module_name(name), parse_alias(alias)
+        for attempt in range(VERSION_RETRIES):
+            try:
+                with self._write_session() as session:
+                    target = self._resolve(session, f"{module_name}@{version}")
+                    row = session.scalars(
+                        select(AliasRow).where(
+                            AliasRow.namespace == module_name.namespace, AliasRow.name == module_name.name,
+                            AliasRow.alias == label,
+                        ).with_for_update()  # concurrent moves queue up: none is lost from the log
+                    ).first()
+                    previous = session.get(Module, row.module_id).version if row is not None else None
+                    if previous == target.version:  # already there: nothing moved, nothing to log
+                        return AliasInfo(alias=f"{module_name}@{label}", ref=target.ref, version=target.version)
+                    if row is None:
+                        row = AliasRow(namespace=module_name.namespace, name=module_name.name, alias=label,
+                                       module_id=target.id)
+                        session.add(row)
+                    row.module_id, row.updated_at = target.id, utcnow()
+                    session.add(AliasEvent(namespace=module_name.namespace, name=module_name.name, alias=label,
+                                           from_version=previous, to_version=target.version, by=self.settings.user))
+                    return AliasInfo(alias=f"{module_name}@{label}", ref=target.ref, version=target.version)
+            except IntegrityError:  # two writers created the same alias at once: retry as a move
+                if attempt == VERSION_RETRIES - 1:
+                    raise DatabaseError(f"could not set {module_name}@{label}: too many concurrent changes; try again") from None
+        raise AssertionError("unreachable")
+
+    def remove_alias(self, name: str, alias: str) -> AliasInfo:
+        module_name, label = parse_module_name(name), parse_alias(alias)
+        with self._write_session() as session:
+            row = session.scalars(
+                select(AliasRow).where(
+                    AliasRow.namespace == module_name.namespace, AliasRow.name == module_name.name, AliasRow.alias == label
+                ).with_for_update()
+            ).first()
+            if row is None:
+                raise UnknownModuleError(f"{module_name} has no alias {label!r}")
+            version = session.get(Module, row.module_id).version
+            session.delete(row)
+            session.add(AliasEvent(namespace=module_name.namespace, name=module_name.name, alias=label,
+                                   from_version=version, to_version=None, by=self.settings.user))
+            return AliasInfo(alias=f"{module_name}@{label}", ref=f"{module_name}@{version}", version=version)
+
+    def alias_log(self, name: str) -> list[AliasMove]:
+        """Every move of every alias of ``name``, oldest first."""
+        module_name = parse_module_name(name)
+        with self._session() as session:
+            events = session.scalars(
+                select(AliasEvent).where(AliasEvent.namespace == module_name.namespace, AliasEvent.name == module_name.name)
+                .order_by(AliasEvent.id)
+            )
+            return [
+                AliasMove(alias=e.alias, from_version=e.from_version, to_version=e.to_version, at=e.at, by=e.by)
+                for e in events
+            ]
+
+    def tag(self, ref: str, set_tags: dict[str, str] | None = None, remove: list[str] | None = None) -> ModuleInfo:
+        """Set and remove tags of one version; each change is recorded with time and author."""
+        pairs = parse_tags(set_tags)
+        with self._write_session() as session:
+            module = self._resolve(session, ref)
+            current = {t.key: t for t in module.tags}
+            for key in remove or []:
+                if key not in current:
+                    raise UnknownModuleError(f"{module.ref} has no tag {key!r}")
+                session.add(MetadataEvent(module_id=module.id, field=f"tag:{key}", old=current[key].value, new=None,
+                                          by=self.settings.user))
+                module.tags.remove(current.pop(key))
+            for key, value in pairs:
+                old = current[key].value if key in current else None
+                if old == value:
+                    continue
+                if key in current:
+                    current[key].value = value
+                else:
+                    module.tags.append(Tag(key=key, value=value))
+                session.add(MetadataEvent(module_id=module.id, field=f"tag:{key}", old=old, new=value, by=self.settings.user))
+            session.flush()
+            return _module_info(module, aliases=_aliases_of(session, [module.id]).get(module.id, []))
+
+    def describe(self, ref: str, description: str | None) -> ModuleInfo:
+        """Replace a version's description (None clears it); recorded with time and author."""
+        with self._write_session() as session:
+            module = self._resolve(session, ref)
+            if module.description != description:
+                session.add(MetadataEvent(module_id=module.id, field="description", old=module.description,
+                                          new=description, by=self.settings.user))
+                module.description = description
+            session.flush()
+            return _module_info(module, aliases=_aliases_of(session, [module.id]).get(module.id, []))
+
+    def history(self, ref: str) -> list[MetadataChange]:
+        """The metadata edits of one version, oldest first."""
+        with self._session() as session:
+            module = self._resolve(session, ref)
+            events = session.scalars(select(MetadataEvent).where(MetadataEvent.module_id == module.id).order_by(MetadataEvent.id))
+            return [MetadataChange(field=e.field, old=e.old, new=e.new, at=e.at, by=e.by) for e in events]
+
     # --- maintenance --------------------------------------------------------------------------
+
+    @classmethod
+    def doctor(cls, home: str | os.PathLike[str] | None = None, *, endpoint: str | None = None) -> list[HealthCheck]:
+        """Whether the database is reachable and migrated, the store readable and writable,
+        the cache healthy and the Hub endpoint reachable, each with the fix when not."""
+        settings = Settings.resolve(home, hub_endpoint=endpoint)
+        checks = [_check_database(settings)]
+        store = open_store(settings.store)
+        checks.append(_check_store(store))
+        if hasattr(store, "cache_info"):
+            checks.append(_check_cache(store))
+        checks.append(_check_hub(settings.hub_endpoint))
+        return checks
+
 
     def gc(self, *, dry_run: bool = False, grace_seconds: float = GC_GRACE_SECONDS) -> GcReport:
         """Delete blobs no module references, and partial writes of crashed writers, older than
@@ -1027,6 +1183,12 @@ class Registry:
                 raise ModuleInUseError(
                     f"cannot remove {module.ref}: {names} {'was' if len(dependents) == 1 else 'were'} derived from it; "
                     "remove those first"
+                )
+            labels = _aliases_of(session, [module.id]).get(module.id, [])
+            if labels:
+                raise ModuleInUseError(
+                    f"cannot remove {module.ref}: alias {', '.join(labels)} points at it; "
+                    "move it (`pem alias set`) or remove it (`pem alias rm`) first"
                 )
             info = _module_info(module)
             digest = module.digest
@@ -1110,6 +1272,68 @@ def _imported_derivation(
     )
 
 
+def _check_database(settings: Settings) -> HealthCheck:
+    where = make_url_safe(settings.database_url)
+    missing = sqlite_file_missing(settings.database_url)
+    if missing:
+        return HealthCheck(name="database", ok=False, detail=f"no registry at {missing}", fix="run `pem init`")
+    try:
+        engine = make_engine(settings.database_url)
+        revision = current_revision(engine)
+        engine.dispose()
+    except PemError as exc:
+        return HealthCheck(name="database", ok=False, detail=str(exc), fix="check PEM_DATABASE_URL and that the server runs")
+    if revision is None:
+        return HealthCheck(name="database", ok=False, detail=f"{where} has no registry schema", fix="run `pem init`")
+    if revision != SCHEMA_HEAD:
+        return HealthCheck(name="database", ok=False, detail=f"{where} is at schema {revision}, this pem needs {SCHEMA_HEAD}",
+                           fix="run `pem db upgrade`")
+    return HealthCheck(name="database", ok=True, detail=f"{where} reachable, schema {revision}", fix=None)
+
+
+def make_url_safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _check_store(store: BlobStore) -> HealthCheck:
+    root = getattr(store, "root", None)
+    if root is not None and not Path(root).is_dir():  # never create it just by looking
+        return HealthCheck(name="store", ok=False, detail=f"{root} does not exist", fix="run `pem init`")
+    try:
+        next(iter(store.digests()), None)  # readable
+        with store.writer() as writer:  # writable: a temporary write, then discarded
+            writer.write(b"pem doctor")
+    except Exception as exc:  # any failure here is the finding
+        return HealthCheck(name="store", ok=False, detail=f"{store.location}: {exc.__class__.__name__}: {exc}",
+                           fix="check PEM_STORE, its permissions or credentials")
+    return HealthCheck(name="store", ok=True, detail=f"{store.location} readable and writable", fix=None)
+
+
+def _check_cache(store: Any) -> HealthCheck:
+    try:
+        info = store.cache_info()
+    except Exception as exc:
+        return HealthCheck(name="cache", ok=False, detail=f"{exc.__class__.__name__}: {exc}", fix="run `pem cache clear`")
+    return HealthCheck(name="cache", ok=True, detail=str(info), fix=None)
+
+
+def _check_hub(endpoint: str) -> HealthCheck:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/whoami-v2", timeout=5)
+    except urllib.error.HTTPError:
+        pass  # any HTTP answer (401 without a token) means the endpoint is there
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return HealthCheck(name="hub", ok=False, detail=f"{endpoint} unreachable ({reason})",
+                           fix="check HF_ENDPOINT and the network (only pull, push and sync need it)")
+    return HealthCheck(name="hub", ok=True, detail=f"{endpoint} reachable", fix=None)
+
+
 def _environment() -> dict[str, Any]:
     """The stack a derivation was computed with (bit-for-bit re-derivation depends on it)."""
     import platform
@@ -1137,7 +1361,7 @@ _INFO_COLUMNS = (
 )
 
 
-def _info_fields(module: Any, tags: dict[str, str]) -> dict[str, Any]:
+def _info_fields(module: Any, tags: dict[str, str], aliases: list[str]) -> dict[str, Any]:
     """ModuleInfo fields from a Module row or a row of _INFO_COLUMNS."""
     return dict(
         name=f"{module.namespace}/{module.name}",
@@ -1160,17 +1384,28 @@ def _info_fields(module: Any, tags: dict[str, str]) -> dict[str, Any]:
         num_parameters=module.num_parameters,
         size_bytes=module.size_bytes,
         tags=tags,
+        aliases=aliases,
         owner=module.owner,
         description=module.description,
         created_at=module.created_at,
     )
 
 
-def _module_info(module: Module, created: bool = True) -> ModuleInfo:
-    return ModuleInfo(**_info_fields(module, {t.key: t.value for t in module.tags}), created=created)
+def _module_info(module: Module, created: bool = True, aliases: list[str] | None = None) -> ModuleInfo:
+    return ModuleInfo(**_info_fields(module, {t.key: t.value for t in module.tags}, aliases or []), created=created)
 
 
-def _module_details(module: Module) -> ModuleDetails:
+def _aliases_of(session: Session, module_ids: Any) -> dict[int, list[str]]:
+    """Alias labels per module id (``module_ids``: a list or a select of ids)."""
+    found: dict[int, list[str]] = {}
+    for row in session.execute(
+        select(AliasRow.module_id, AliasRow.alias).where(AliasRow.module_id.in_(module_ids)).order_by(AliasRow.alias)
+    ):
+        found.setdefault(row.module_id, []).append(row.alias)
+    return found
+
+
+def _module_details(module: Module, aliases: list[str]) -> ModuleDetails:
     derivation = module.derivation
     provenance = None
     if derivation is not None:
@@ -1192,7 +1427,7 @@ def _module_details(module: Module) -> ModuleDetails:
             created_at=derivation.created_at,
         )
     return ModuleDetails(
-        **_info_fields(module, {t.key: t.value for t in module.tags}),
+        **_info_fields(module, {t.key: t.value for t in module.tags}, aliases),
         unsupported=module.unsupported,
         layers=module.layers,
         config=module.config,

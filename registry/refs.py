@@ -121,3 +121,13 @@ def parse_base_reference(text: str) -> BaseReference:
     if not _BASE_ID_RE.fullmatch(model_id) or (revision == "" and "@" in text):
         raise InvalidNameError(f"invalid base model {text!r}: use ID or ID@REVISION, e.g. org/model@main")
     return BaseReference(model_id, revision or None)
+
+
+_ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+
+
+def parse_alias(text: str) -> str:
+    """An alias label: starts with a letter (so it is never read as a version number)."""
+    if not _ALIAS_RE.fullmatch(text) or ".." in text or "--" in text:
+        raise InvalidNameError(f"invalid alias {text!r}: use a letter then letters, digits, '_', '.', '-' (e.g. prod)")
+    return text

@@ -63,6 +63,7 @@ class ModuleInfo(BaseModel):
     num_parameters: int
     size_bytes: int
     tags: dict[str, str]
+    aliases: list[str] = Field(default_factory=list, description="aliases pointing at this version")
     owner: str
     description: str | None
     created_at: datetime
@@ -304,3 +305,36 @@ class GcReport(BaseModel):
     blobs: list[str] = Field(description="digests of unreferenced blobs (deleted unless dry_run)")
     temporary_files: list[str] = Field(description="partial writes of crashed writers")
     bytes_freed: int
+
+
+class AliasInfo(BaseModel):
+    alias: str = Field(description="NS/NAME@ALIAS")
+    ref: str = Field(description="the version it points at")
+    version: int
+
+
+class AliasMove(BaseModel):
+    """One move of an alias: from_version None when created, to_version None when removed."""
+
+    alias: str
+    from_version: int | None
+    to_version: int | None
+    at: datetime
+    by: str
+
+
+class MetadataChange(BaseModel):
+    field: str = Field(description="tag:KEY or description")
+    old: str | None
+    new: str | None
+    at: datetime
+    by: str
+
+
+class HealthCheck(BaseModel):
+    """One line of ``pem doctor``."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None

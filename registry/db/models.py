@@ -222,3 +222,47 @@ class HubLink(Base):
     commit: Mapped[str] = mapped_column(String(64))  # the commit it resolved to
     weights_oid: Mapped[str] = mapped_column(String(64))  # git blob id of the weights file on the Hub
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Alias(Base):
+    """A movable label on one version of a name (``team/sentiment@prod``)."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("namespace", "name", "alias"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(96))
+    name: Mapped[str] = mapped_column(String(96))
+    alias: Mapped[str] = mapped_column(String(64))
+    module_id: Mapped[int] = mapped_column(ForeignKey("modules.id", ondelete="RESTRICT"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AliasEvent(Base):
+    """Every move of an alias, kept forever: from which version to which, when, by whom."""
+
+    __tablename__ = "alias_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(96))
+    name: Mapped[str] = mapped_column(String(96))
+    alias: Mapped[str] = mapped_column(String(64))
+    from_version: Mapped[int | None] = mapped_column(Integer)  # None: the alias was created
+    to_version: Mapped[int | None] = mapped_column(Integer)  # None: the alias was removed
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    by: Mapped[str] = mapped_column(String(128))
+
+
+class MetadataEvent(Base):
+    """An edit of a version's metadata (tags, description): what changed, when, by whom.
+    A version's tensors and provenance never change."""
+
+    __tablename__ = "metadata_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    module_id: Mapped[int] = mapped_column(ForeignKey("modules.id", ondelete="CASCADE"), index=True)
+    field: Mapped[str] = mapped_column(String(64))  # "tag:KEY" or "description"
+    old: Mapped[str | None] = mapped_column(Text)
+    new: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    by: Mapped[str] = mapped_column(String(128))
