@@ -15,6 +15,7 @@ from fractions import Fraction
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -120,7 +121,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 TAG_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-VERSION_RETRIES = 5
+VERSION_RETRIES = 10
 GC_GRACE_SECONDS = 3600.0  # unreferenced blobs younger than this may belong to a writer in flight  # concurrent registrations of one name race for the next version
 
 
@@ -324,15 +325,11 @@ class Registry:
                         session.add(Blob(digest=digest, size_bytes=size_bytes))
                     if not self.store.exists(digest):  # collected by a concurrent `pem gc`
                         raise BlobStoreError(f"blob sha256:{digest[:12]} vanished before registration: try again")
-                    counter = session.get(NameCounter, (name.namespace, name.name))
-                    if counter is None:
-                        counter = NameCounter(namespace=name.namespace, name=name.name, last_version=0)
-                        session.add(counter)
-                    counter.last_version += 1
+                    version = _next_version(session, name)
                     module = Module(
                         namespace=name.namespace,
                         name=name.name,
-                        version=counter.last_version,
+                        version=version,
                         kind=kind,
                         digest=digest,
                         config_digest=config_digest,
@@ -381,6 +378,7 @@ class Registry:
                         f"could not allocate a version of {name} after {VERSION_RETRIES} attempts "
                         "(many concurrent writers?): try again"
                     ) from None
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # let the other writer finish
         raise AssertionError("unreachable")
 
     # --- finding ------------------------------------------------------------------------------
@@ -1389,6 +1387,23 @@ def _info_fields(module: Any, tags: dict[str, str], aliases: list[str]) -> dict[
         description=module.description,
         created_at=module.created_at,
     )
+
+
+def _next_version(session: Session, name: ModuleName) -> int:
+    """Take the next version of ``name``: one atomic UPDATE ... RETURNING, so concurrent
+    writers queue on the counter's row lock and each gets its own number. The first
+    registration of a name inserts the counter (two racing inserts: one retries)."""
+    taken = session.execute(
+        update(NameCounter)
+        .where(NameCounter.namespace == name.namespace, NameCounter.name == name.name)
+        .values(last_version=NameCounter.last_version + 1)
+        .returning(NameCounter.last_version)
+    ).scalar()
+    if taken is None:
+        session.add(NameCounter(namespace=name.namespace, name=name.name, last_version=1))
+        session.flush()
+        taken = 1
+    return taken
 
 
 def _module_info(module: Module, created: bool = True, aliases: list[str] | None = None) -> ModuleInfo:

@@ -3,6 +3,8 @@
 aliases: a movable label per name (team/x@prod -> one version), RESTRICT so that a version an
 alias points at cannot be removed. alias_events keeps every move (from, to, when, by whom);
 metadata_events every edit of tags and descriptions. Tensors and provenance never change.
+uq_modules_same_content makes "identical content under one name is one version" hold even
+when two writers race to add it.
 
 Revision ID: 0004
 Revises: 0003
@@ -21,6 +23,8 @@ depends_on: Union[str, Sequence[str], None] = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table('modules', schema=None) as batch_op:
+        batch_op.create_unique_constraint('uq_modules_same_content', ['namespace', 'name', 'digest', 'config_digest'])
     op.create_table('alias_events',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('namespace', sa.String(length=96), nullable=False),
@@ -63,6 +67,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('modules', schema=None) as batch_op:
+        batch_op.drop_constraint('uq_modules_same_content', type_='unique')
     with op.batch_alter_table('metadata_events', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_metadata_events_module_id'))
 

@@ -85,7 +85,11 @@ class Module(Base):
     """One registered version of a named module: its metadata, config and blob."""
 
     __tablename__ = "modules"
-    __table_args__ = (UniqueConstraint("namespace", "name", "version"),)
+    __table_args__ = (
+        UniqueConstraint("namespace", "name", "version"),
+        # The same content under one name is one version, even when two writers race to add it.
+        UniqueConstraint("namespace", "name", "digest", "config_digest", name="uq_modules_same_content"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     namespace: Mapped[str] = mapped_column(String(96))

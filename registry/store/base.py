@@ -69,3 +69,11 @@ class BlobStore(ABC):
     @abstractmethod
     def temporary_files(self) -> Iterator[tuple[Path, float]]:
         """Partial writes left by crashed writers, with their modification times."""
+
+    def size(self, digest: str) -> int:
+        """The blob's size in bytes. A remote store answers without downloading the blob."""
+        return self.local_path(digest).stat().st_size
+
+    def check(self) -> None:
+        """Raise BlobStoreError (one line, with the fix) when the store cannot be used: an
+        unreachable endpoint, a missing bucket, denied access. ``pem init`` calls it."""
