@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import difflib
-from fractions import Fraction
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,21 +28,21 @@ from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from registry import __version__, faults, hosts, hub
+from registry import lineage as lineage_queries
 from registry.adapters import AdapterMetadata, adapter_type
+from registry.compose.plan import InputModule, OutputPlan, bind_terms, build_plan, parse_expression
 from registry.config import Settings
 from registry.db import migrate
 from registry.db.engine import (
+    SCHEMA_HEAD,
+    WRITE,
     current_revision,
     make_engine,
     make_sessionmaker,
-    SCHEMA_HEAD,
-    WRITE,
     require_current_schema,
     sqlite_file_missing,
 )
-from registry import lineage as lineage_queries
-from registry.compose.plan import InputModule, OutputPlan, bind_terms, build_plan, parse_expression
-from registry import __version__, faults, hosts, hub
 from registry.db.models import Alias as AliasRow
 from registry.db.models import (
     AliasEvent,
@@ -57,11 +57,11 @@ from registry.db.models import (
     Tag,
     utcnow,
 )
-
 from registry.errors import (
     AmbiguousReferenceError,
     BlobStoreError,
     DatabaseError,
+    HubError,
     IncompatibleModulesError,
     InvalidAdapterError,
     InvalidNameError,
@@ -70,11 +70,10 @@ from registry.errors import (
     NotFoundError,
     PemError,
     RegistryNotInitializedError,
-    UnsupportedMethodError,
     UnknownBaseModelError,
-    HubError,
     UnknownModuleError,
     UnsafeFormatError,
+    UnsupportedMethodError,
 )
 from registry.language import caret
 from registry.methods import DEFAULT_METHOD, get_method
@@ -93,8 +92,8 @@ from registry.schemas import (
     AliasMove,
     BaseModelInfo,
     CheckReport,
-    ContentTerm,
     Contents,
+    ContentTerm,
     Descendant,
     Deviation,
     GcReport,
@@ -107,11 +106,11 @@ from registry.schemas import (
     ModuleInfo,
     OutputSummary,
     PortReport,
+    Provenance,
+    ProvenanceInput,
     ProvenanceSidecar,
     PushResult,
     SyncStatus,
-    Provenance,
-    ProvenanceInput,
     TermInfo,
     VerifyReport,
 )

@@ -257,7 +257,7 @@ def model_card(module: "Module", sidecar: ProvenanceSidecar) -> str:
         "",
         "```python",
         "from peft import PeftModel",
-        f"model = PeftModel.from_pretrained(base_model, \"<this repo>\")",
+        "model = PeftModel.from_pretrained(base_model, \"<this repo>\")",
         "```",
         "",
     ]

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Callable
 
+from registry.adapters import adapter_type
 from registry.adapters.base import module_key
 from registry.errors import IncompatibleModulesError, UnsupportedMethodError
 from registry.language import Term, canonical, flatten, merge_terms, parse
 from registry.methods import Method
-from registry.adapters import adapter_type
 from registry.safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, canonical_header
 
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}

@@ -13,7 +13,6 @@ from registry.adapters.base import (
     AdapterMetadata,
     AdapterType,
     TypePlan,
-    module_key,
     common_dtype,
     pattern_value,
     positive_int,
