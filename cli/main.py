@@ -607,6 +607,42 @@ def gc(registry: Any, dry_run: bool, grace: float, as_json: bool) -> None:
     click.echo(f"{len(report.blobs)} blobs, {len(report.temporary_files)} partial writes, {human_size(report.bytes_freed)}")
 
 
+# --- the read cache of a remote store -----------------------------------------------------------
+
+
+@pem.group("cache", cls=PemGroup)
+def cache_group() -> None:
+    """The local read cache of an s3:// blob store ($PEM_HOME/cache, bounded by PEM_CACHE_SIZE)."""
+
+
+@cache_group.command("info")
+@json_option
+@with_registry
+def cache_info(registry: Any, as_json: bool) -> None:
+    """Files and bytes in the cache, its limit and its folder."""
+    info = registry.cache_info()
+    if as_json:
+        click.echo(json.dumps(info._asdict() if info is not None else None, indent=2))
+    elif info is None:
+        click.echo(f"no cache: blobs are local ({registry.store.location})")
+    else:
+        click.echo(f"{info.files} cached blobs, {human_size(info.bytes)} of {human_size(info.limit)} in {info.location}")
+
+
+@cache_group.command("clear")
+@json_option
+@with_registry
+def cache_clear(registry: Any, as_json: bool) -> None:
+    """Delete every cached blob; each is downloaded again when next used."""
+    removed = registry.cache_clear()
+    if as_json:
+        click.echo(json.dumps(removed._asdict() if removed is not None else None, indent=2))
+    elif removed is None:
+        click.echo(f"no cache: blobs are local ({registry.store.location})")
+    else:
+        click.echo(f"removed {removed.files} cached blobs, {human_size(removed.bytes)} from {removed.location}")
+
+
 # --- aliases and metadata ----------------------------------------------------------------------
 
 

@@ -115,6 +115,7 @@ from registry.schemas import (
     VerifyReport,
 )
 from registry.store import BlobStore, open_store
+from registry.store.cache import CacheInfo
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -187,7 +188,7 @@ class Registry:
             raise RegistryNotInitializedError(f"no registry at {missing}: run `pem init` to create it")
         engine = make_engine(settings.database_url)
         require_current_schema(engine)
-        return cls(settings, engine, open_store(settings.store))
+        return cls(settings, engine, open_store(settings.store, home=settings.home))
 
     @classmethod
     def init(
@@ -203,8 +204,11 @@ class Registry:
         engine = make_engine(settings.database_url)
         current_revision(engine)  # a clear error when the database is unreachable
         migrate.upgrade(engine)
-        Path(settings.store).mkdir(parents=True, exist_ok=True)
-        return cls(settings, engine, open_store(settings.store))
+        if not settings.store.startswith("s3://"):
+            Path(settings.store).mkdir(parents=True, exist_ok=True)
+        store = open_store(settings.store, home=settings.home)
+        store.check()  # a missing or unreachable bucket fails `pem init`, not the first `pem add`
+        return cls(settings, engine, store)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -585,7 +589,7 @@ class Registry:
             reuse = (earlier.module.digest, earlier.results) if earlier is not None else None
         if reuse is not None and self.store.exists(reuse[0]):
             digest, results = reuse  # the same derivation was computed before: share its blob
-            size = self.store.local_path(digest).stat().st_size
+            size = self.store.size(digest)
         else:
             from registry.compose.engine import evaluate
 
@@ -1105,13 +1109,25 @@ class Registry:
 
     # --- maintenance --------------------------------------------------------------------------
 
+    def cache_info(self) -> CacheInfo | None:
+        """The local read cache of a remote blob store (``s3://``): files, bytes, limit in
+        bytes, folder. None when the blobs are local (there is no cache)."""
+        store: Any = self.store
+        return store.cache_info() if hasattr(store, "cache_info") else None
+
+    def cache_clear(self) -> CacheInfo | None:
+        """Delete every cached blob (each is downloaded again when next used); returns what
+        was removed, or None without a cache. Processes reading a cached file keep reading it."""
+        store: Any = self.store
+        return store.cache_clear() if hasattr(store, "cache_clear") else None
+
     @classmethod
     def doctor(cls, home: str | os.PathLike[str] | None = None, *, endpoint: str | None = None) -> list[HealthCheck]:
         """Whether the database is reachable and migrated, the store readable and writable,
         the cache healthy and the Hub endpoint reachable, each with the fix when not."""
         settings = Settings.resolve(home, hub_endpoint=endpoint)
         checks = [_check_database(settings)]
-        store = open_store(settings.store)
+        store = open_store(settings.store, home=settings.home)
         checks.append(_check_store(store))
         if hasattr(store, "cache_info"):
             checks.append(_check_cache(store))
@@ -1131,7 +1147,7 @@ class Registry:
             blobs = [d for d in self.store.digests() if d not in referenced and now - self.store.modified_at(d) >= grace_seconds]
             stale_rows = list(session.scalars(select(Blob.digest).where(Blob.digest.not_in(select(Module.digest)))))
             temporary = [p for p, mtime in self.store.temporary_files() if now - mtime >= grace_seconds]
-            freed = sum(self.store.local_path(d).stat().st_size for d in blobs)
+            freed = sum(self.store.size(d) for d in blobs)  # a remote store answers without downloading
             if not dry_run:
                 for digest in stale_rows:
                     session.delete(session.get(Blob, digest))

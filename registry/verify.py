@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from registry.compose.plan import InputModule, build_plan
 from registry.db.models import Module
-from registry.errors import PemError
+from registry.errors import BlobStoreError, PemError
 from registry.methods import METHODS
 from registry.schemas import VerifyFailure, VerifyReport
 from registry.store import BlobStore, LocalBlobStore
@@ -31,8 +31,12 @@ def blob_problem(store: BlobStore, digest: str) -> str | None:
     """None when the blob exists and hashes to its digest; otherwise what is wrong."""
     if not store.exists(digest):
         return f"blob sha256:{digest[:12]} is missing from the store"
+    try:
+        path = store.local_path(digest)
+    except BlobStoreError as exc:  # a remote store refuses a download that does not match its digest
+        return str(exc)
     hasher = hashlib.sha256()
-    with open(store.local_path(digest), "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(8 * 1024 * 1024), b""):
             hasher.update(chunk)
     if hasher.hexdigest() != digest:

@@ -236,7 +236,7 @@ class S3BlobStore(BlobStore):
                 self.client.put_object(Bucket=self.bucket, Key=self.key(digest), Body=body, IfNoneMatch="*")
             except ClientError as exc:
                 code = _code(exc)
-                if code in _PRECONDITION or code in _CONFLICT and self._head(digest) is not None:
+                if code in _PRECONDITION or (code in _CONFLICT and self._head(digest) is not None):
                     return  # another writer stored the same digest first
                 if code not in _CONDITIONAL_UNSUPPORTED:
                     raise
@@ -265,7 +265,7 @@ class S3BlobStore(BlobStore):
                 self.client.complete_multipart_upload(**done, IfNoneMatch="*")
             except ClientError as exc:
                 code = _code(exc)
-                if code in _PRECONDITION or code in _CONFLICT and self._head(digest) is not None:
+                if code in _PRECONDITION or (code in _CONFLICT and self._head(digest) is not None):
                     self._abort_multipart(key, upload_id)
                     return  # another writer stored the same digest first
                 if code not in _CONDITIONAL_UNSUPPORTED:
@@ -304,7 +304,8 @@ class S3BlobStore(BlobStore):
             try:
                 answer = self.client.get_object(Bucket=self.bucket, Key=self.key(digest))
             except ClientError as exc:
-                if _code(exc) in _NOT_FOUND - {"404"} or _code(exc) == "404" and self._head(digest) is None:
+                code = _code(exc)
+                if code in ("NoSuchKey", "NotFound") or (code == "404" and self._head(digest) is None):
                     raise BlobStoreError(
                         f"blob sha256:{digest} is missing from {self.location}: run `pem verify --all`"
                     ) from None
