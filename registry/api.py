@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import Engine, func, select, text, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from registry import __version__, faults, hosts, hub
@@ -134,7 +134,7 @@ def parse_tag(text: str) -> tuple[str, str]:
 
 
 # Column sizes of the catalog, checked before anything is written.
-MAX_LENGTHS = {"task": 128, "base_model": 255, "base_revision": 255}
+MAX_LENGTHS = {"task": 128, "base_model": 255, "base_revision": 255, "task_type": 64, "peft_type": 32}
 MAX_TAG_VALUE = 512
 
 
@@ -224,7 +224,7 @@ class Registry:
         try:
             with self._sessions() as session:
                 yield session
-        except OperationalError as exc:
+        except (OperationalError, DataError) as exc:
             raise DatabaseError(f"database error: {str(exc.orig).strip().splitlines()[0]}") from None
 
     @contextmanager
@@ -286,7 +286,8 @@ class Registry:
         metadata = adapter_type(str(config["peft_type"])).describe(config, header)
         if not metadata.base_model:
             raise InvalidAdapterError(f"{folder / CONFIG_FILE} has no base_model_name_or_path: pass --base-model ID")
-        check_lengths(base_model=metadata.base_model, base_revision=metadata.base_revision)
+        check_lengths(base_model=metadata.base_model, base_revision=metadata.base_revision,
+                      task_type=metadata.task_type, peft_type=metadata.peft_type)
         with self.store.writer() as writer:
             copy_canonical(header, writer.sink, allow_nonfinite)
             size = writer.sink.bytes_written
@@ -1227,7 +1228,7 @@ def read_adapter_folder(folder: Path) -> tuple[dict[str, Any], SafetensorsHeader
         raise InvalidAdapterError(f"{folder} has no {CONFIG_FILE}: is it a PEFT adapter folder?")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge integers, hostile nesting
         raise InvalidAdapterError(f"{config_path} is not valid JSON ({exc.__class__.__name__}): fix or re-save it") from None
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise InvalidAdapterError(f"{config_path} has no peft_type: is it a PEFT adapter config?")

@@ -29,7 +29,7 @@ def read_config(path: Path) -> dict[str, Any]:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise InvalidAdapterError(f"cannot read {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
         raise InvalidAdapterError(f"{path} is not valid JSON: pass a model's config.json") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise InvalidAdapterError(f"{path} has no model_type: is it a transformers config.json?")

@@ -33,6 +33,7 @@ _NAME_RE = re.compile(rf"({_SEGMENT})/({_SEGMENT})")
 _REFERENCE_RE = re.compile(rf"(?:sha256:(?P<digest>[0-9a-fA-F]+)|(?P<ns>{_SEGMENT})/(?P<name>{_SEGMENT})(?:@(?P<sel>{_SELECTOR}))?)")
 
 MIN_DIGEST_PREFIX = 8
+MAX_VERSION = 2**31 - 1  # the catalog's version column is a 32-bit integer
 NAME_HINT = "names look like 'team/sentiment' (letters, digits, '.', '_', '-')"
 
 
@@ -95,9 +96,9 @@ def parse_reference(text: str) -> Reference:
     if selector is None:
         return Reference(text=stripped, module=module)
     if selector.isdigit():
-        version = int(selector)
-        if version < 1:
-            raise InvalidNameError(f"invalid reference {text!r}: versions start at 1")
+        version = int(selector) if len(selector) <= 10 else MAX_VERSION + 1
+        if not 1 <= version <= MAX_VERSION:
+            raise InvalidNameError(f"invalid reference {text!r}: versions run from 1 to {MAX_VERSION}")
         return Reference(text=stripped, module=module, version=version)
     return Reference(text=stripped, module=module, alias=selector)
 

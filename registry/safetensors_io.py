@@ -86,7 +86,7 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise InvalidAdapterError(f"cannot read {path}: {exc.strerror}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, huge integers, hostile nesting
         raise _bad(path, "header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
@@ -107,7 +107,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(entry, dict):
         raise _bad(path, f"entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise _bad(path, f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or len(shape) > 8 or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIMENSION for d in shape

@@ -3,7 +3,7 @@
 aliases: a movable label per name (team/x@prod -> one version), RESTRICT so that a version an
 alias points at cannot be removed. alias_events keeps every move (from, to, when, by whom);
 metadata_events every edit of tags and descriptions. Tensors and provenance never change.
-uq_modules_same_content makes "identical content under one name is one version" hold even
+ux_modules_same_content makes "identical content under one name is one version" hold even
 when two writers race to add it.
 
 Revision ID: 0004
@@ -23,8 +23,9 @@ depends_on: Union[str, Sequence[str], None] = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('modules', schema=None) as batch_op:
-        batch_op.create_unique_constraint('uq_modules_same_content', ['namespace', 'name', 'digest', 'config_digest'])
+    # An index, not a constraint: SQLite would rebuild the table for a constraint, and the
+    # rebuild's DROP TABLE would cascade to tags and hub links.
+    op.create_index('ux_modules_same_content', 'modules', ['namespace', 'name', 'digest', 'config_digest'], unique=True)
     op.create_table('alias_events',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('namespace', sa.String(length=96), nullable=False),
@@ -67,8 +68,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('modules', schema=None) as batch_op:
-        batch_op.drop_constraint('uq_modules_same_content', type_='unique')
+    op.drop_index('ux_modules_same_content', table_name='modules')
     with op.batch_alter_table('metadata_events', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_metadata_events_module_id'))
 

@@ -87,7 +87,7 @@ def common_dtype(header: SafetensorsHeader) -> str:
     dtypes = sorted({t.dtype for t in header.tensors.values()})
     if not dtypes:
         raise InvalidAdapterError(f"{header.path} holds no tensors")
-    return dtypes[0] if len(dtypes) == 1 else "mixed:" + ",".join(dtypes)
+    return dtypes[0] if len(dtypes) == 1 else "mixed"  # per-tensor dtypes are in the blob's header
 
 
 def require_float(header: SafetensorsHeader) -> None:
@@ -140,8 +140,13 @@ def pattern_value(patterns: dict[str, Any], layer: str, default: Any) -> Any:
     return default
 
 
-def positive_int(config: dict[str, Any], field_name: str) -> int:
+MAX_RANK = 1 << 20  # far above any real adapter; a larger one is hostile or broken
+
+
+def positive_int(config: dict[str, Any], field_name: str, limit: int = MAX_RANK) -> int:
     value = config.get(field_name)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidAdapterError(f"adapter_config.json: {field_name} must be a positive integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+        raise InvalidAdapterError(
+            f"adapter_config.json: {field_name} must be an integer from 1 to {limit}, got {value!r}"
+        )
     return value

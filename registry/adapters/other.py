@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from registry.adapters.base import AdapterMetadata, AdapterType, common_dtype, target_modules_list
+from registry.adapters.base import MAX_RANK, AdapterMetadata, AdapterType, common_dtype, target_modules_list
+from registry.errors import InvalidAdapterError
 from registry.safetensors_io import SafetensorsHeader
 
 
@@ -17,13 +18,15 @@ class CatalogOnlyType(AdapterType):
 
     def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
         rank = config.get("r")
+        if isinstance(rank, int) and not isinstance(rank, bool) and not 0 < rank <= MAX_RANK:
+            raise InvalidAdapterError(f"adapter_config.json: r must be an integer from 1 to {MAX_RANK}, got {rank!r}")
         return AdapterMetadata(
             peft_type=self.peft_type,
             composable=False,
             base_model=config.get("base_model_name_or_path"),
             base_revision=config.get("revision"),
             task_type=config.get("task_type"),
-            rank=rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
+            rank=rank if isinstance(rank, int) and not isinstance(rank, bool) and 0 < rank <= MAX_RANK else None,
             lora_alpha=None,
             use_rslora=False,
             use_dora=False,

@@ -112,6 +112,15 @@ def tensor_layers(plan: OutputPlan) -> dict[str, str]:
     return mapping
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """NaN or Inf anywhere shows in the minimum or the maximum: one reduction instead of a
+    full boolean mask (about 20x cheaper on adapter-sized tensors)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
 def evaluate(
     plan: OutputPlan, store: BlobStore, progress: Progress | None = None, output_store: BlobStore | None = None
 ) -> tuple[str, int, dict[str, Any]]:
@@ -124,6 +133,11 @@ def evaluate(
     stats: dict[str, float] = {}
     header_bytes, _ = canonical_header((n, d, s) for n, (d, s) in plan.tensors.items())
     with ExitStack() as stack, (output_store or store).writer() as writer:
+        # Element-wise work on adapter-sized tensors gains nothing from a second thread, and
+        # loses much when the machine is busy; results do not depend on it.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        stack.callback(torch.set_num_threads, threads)
         writer.write(header_bytes)
         source = LayerSource(plan, store, stack)
         pending: dict[str, torch.Tensor] = {}
@@ -145,7 +159,7 @@ def evaluate(
             tensor = pending.pop(name).to(out_dtype).contiguous()
             if tuple(tensor.shape) != plan.tensors[name][1]:
                 raise AssertionError(f"{name}: computed {tuple(tensor.shape)}, planned {plan.tensors[name][1]}")
-            if not torch.isfinite(tensor).all():
+            if not _all_finite(tensor):
                 raise IncompatibleModulesError(
                     [f"the result is not finite (NaN or Inf) at {name}: check the inputs and coefficients"]
                 )

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from registry.adapters import adapter_type
 from registry.adapters.base import module_key
-from registry.errors import IncompatibleModulesError, UnsupportedMethodError
-from registry.language import Term, canonical, flatten, merge_terms, parse
+from registry.errors import ExpressionTypeError, IncompatibleModulesError, UnsupportedMethodError
+from registry.language import Term, canonical, caret, flatten, merge_terms, parse
 from registry.methods import Method
 from registry.safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, canonical_header
 
@@ -115,6 +115,12 @@ def bind_terms(
     inputs = []
     for term in merged:
         module = resolved[term.ref]
+        try:
+            float(term.a), float(term.b)
+        except OverflowError:
+            raise ExpressionTypeError(
+                f"the coefficient of {term.ref} is too large to compute with\n{caret(expression, term.start, term.end)}"
+            ) from None
         inputs.append(_with_coefficients(module, term.a, term.b))
     inputs.sort(key=lambda i: (i.digest, i.config_digest))
     return inputs, canonical(tree, rename=lambda ref: resolved[ref].ref)

@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -88,7 +89,8 @@ class Module(Base):
     __table_args__ = (
         UniqueConstraint("namespace", "name", "version"),
         # The same content under one name is one version, even when two writers race to add it.
-        UniqueConstraint("namespace", "name", "digest", "config_digest", name="uq_modules_same_content"),
+        # A unique index, not a constraint: adding it does not rebuild the table on SQLite.
+        Index("ux_modules_same_content", "namespace", "name", "digest", "config_digest", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from registry.adapters.base import (
+    MAX_RANK,
     AdapterMetadata,
     AdapterType,
     TypePlan,
@@ -123,6 +124,8 @@ class LoraType(AdapterType):
                 "which do not multiply (expected r x in and out x r)"
             )
         expected_rank = pattern_value(rank_pattern, layer, r)
+        if not isinstance(expected_rank, int) or isinstance(expected_rank, bool) or not 0 < expected_rank <= MAX_RANK:
+            raise InvalidAdapterError(f"adapter_config.json: rank_pattern gives {expected_rank!r} for layer {layer!r}")
         if a_shape[0] != expected_rank:
             raise InvalidAdapterError(
                 f"config and tensors disagree: adapter_config.json says rank {expected_rank} for layer {layer!r} "

@@ -50,7 +50,8 @@ def _module(layer: str, terms: list, work: torch.dtype) -> dict[str, torch.Tenso
 def _exact(layer: str, terms: list, work: torch.dtype) -> dict[str, torch.Tensor]:
     # A = concat_rows(b_i * s_i * A_i), B = concat_cols(B_i): B @ A = sum b_i s_i B_i A_i.
     a_rows = [tensors["lora_A"].to(work) * _scaled(module, layer) for module, tensors in terms]
-    b_cols = [tensors["lora_B"].to(work) for _, tensors in terms]
+    # B is copied as it is: casting it to the working dtype and back would change no bit.
+    b_cols = [tensors["lora_B"] for _, tensors in terms]
     return {layer + A_SUFFIX: torch.cat(a_rows, dim=0), layer + B_SUFFIX: torch.cat(b_cols, dim=1)}
 
 
