@@ -62,6 +62,8 @@ class AdapterType:
     peft_type: str = ""
     composable: bool = False
     compute_module: str = ""
+    # Tensor name ending -> the parameter it holds (".lora_A.weight" -> "lora_A").
+    tensor_suffixes: dict[str, str] = {}
 
     def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
         raise NotImplementedError

@@ -80,7 +80,7 @@ class LayerSource:
 
     def __init__(self, plan: OutputPlan, store: BlobStore, stack: ExitStack):
         self.plan = plan
-        self.suffixes = _suffixes(plan.peft_type)
+        self.suffixes = adapter_type(plan.peft_type).tensor_suffixes
         self.readers = open_readers(stack, plan, store)
 
     def load(self, layer: str) -> list[dict[str, torch.Tensor] | None]:
@@ -88,14 +88,6 @@ class LayerSource:
             load_layer(reader, module.layers[layer], layer, self.suffixes) if layer in module.layers else None
             for module, reader in zip(self.plan.inputs, self.readers)
         ]
-
-
-def _suffixes(peft_type: str) -> dict[str, str]:
-    if peft_type == "LORA":
-        from registry.adapters.lora.catalog import TENSOR_SUFFIXES
-    else:
-        from registry.adapters.ia3.catalog import TENSOR_SUFFIXES
-    return TENSOR_SUFFIXES
 
 
 def tensor_layers(plan: OutputPlan) -> dict[str, str]:

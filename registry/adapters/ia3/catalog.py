@@ -33,6 +33,7 @@ def _is_feedforward(config: dict[str, Any], layer: str) -> bool:
 
 
 class IA3Type(AdapterType):
+    tensor_suffixes = TENSOR_SUFFIXES
     peft_type = "IA3"
     composable = True
     compute_module = "registry.adapters.ia3.compute"

@@ -49,6 +49,7 @@ def scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 
 
 class LoraType(AdapterType):
+    tensor_suffixes = TENSOR_SUFFIXES
     peft_type = "LORA"
     composable = True
     compute_module = "registry.adapters.lora.compute"
