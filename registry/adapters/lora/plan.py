@@ -45,6 +45,14 @@ def plan_output(inputs: list[Any], method: str, parameters: dict[str, Any], dtyp
         ranks[layer] = rank
         tensors[layer + A_SUFFIX] = (dtype, (rank, in_features))
         tensors[layer + B_SUFFIX] = (dtype, (out_features, rank))
+    if method == "module":
+        for i in inputs:
+            effect = i.a * i.b  # the coefficient lands on both A and B
+            if effect != i.b and len(inputs) == 1:
+                notes.append(
+                    f"method 'module' puts the coefficient on both A and B: the effect of {i.ref} is scaled by "
+                    f"{float(effect):g}, not {float(i.b):g}; use --method exact for an effect linear in the coefficient"
+                )
     config = output_config(inputs, ranks)
     return TypePlan(layers=layers, tensors=tensors, config=config, parameters=resolved, notes=notes)
 
