@@ -470,9 +470,7 @@ class Registry:
                 )
             ).first()
             if module is None:
-                known = session.scalars(select(AliasRow.alias).where(AliasRow.namespace == ns, AliasRow.name == name)).all()
-                listed = f"; it has {', '.join(sorted(known))}" if known else "; set one with `pem alias set`"
-                raise UnknownModuleError(f"{parsed.module} has no alias {parsed.alias!r}{listed}")
+                raise _unknown_alias(session, parsed.module, parsed.alias)
             return module
         if parsed.version is not None:
             module = session.scalars(query.where(Module.version == parsed.version)).first()
@@ -1046,7 +1044,7 @@ class Registry:
                 ).with_for_update()
             ).first()
             if row is None:
-                raise UnknownModuleError(f"{module_name} has no alias {label!r}")
+                raise _unknown_alias(session, module_name, label)
             version = session.get(Module, row.module_id).version
             session.delete(row)
             session.add(AliasEvent(namespace=module_name.namespace, name=module_name.name, alias=label,
@@ -1403,6 +1401,14 @@ def _info_fields(module: Any, tags: dict[str, str], aliases: list[str]) -> dict[
         description=module.description,
         created_at=module.created_at,
     )
+
+
+def _unknown_alias(session: Session, name: ModuleName, label: str) -> UnknownModuleError:
+    known = session.scalars(
+        select(AliasRow.alias).where(AliasRow.namespace == name.namespace, AliasRow.name == name.name)
+    ).all()
+    listed = f"; it has {', '.join(sorted(known))}" if known else "; set one with `pem alias set`"
+    return UnknownModuleError(f"{name} has no alias {label!r}{listed}")
 
 
 def _next_version(session: Session, name: ModuleName) -> int:

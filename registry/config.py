@@ -79,6 +79,8 @@ class Settings:
             )
         store_location = store_location.removeprefix("file://")
         owner = user or os.environ.get(ENV_USER) or _os_user()
+        if len(owner) > 128:
+            raise ConfigurationError(f"{ENV_USER} is {len(owner)} characters long; the limit is 128")
         endpoint = (hub_endpoint or os.environ.get(ENV_HUB_ENDPOINT) or DEFAULT_HUB_ENDPOINT).rstrip("/")
         return cls(home=home_path, database_url=url, store=store_location, user=owner, hub_endpoint=endpoint)
 
