@@ -18,7 +18,6 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -295,6 +294,3 @@ def remote_weights_oid(endpoint: str, repo_id: str, revision: str) -> str | None
                 return entry.blob_id
     return None
 
-
-def temporary_folder(prefix: str) -> tempfile.TemporaryDirectory[str]:
-    return tempfile.TemporaryDirectory(prefix=prefix)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from registry.adapters import adapter_type
 from registry.adapters.base import module_key
-from registry.errors import ExpressionTypeError, IncompatibleModulesError, UnsupportedMethodError
+from registry.errors import ExpressionTypeError, UnsupportedMethodError
 from registry.language import Term, canonical, caret, flatten, merge_terms, parse
 from registry.methods import Method
 from registry.safetensors_io import DTYPE_SIZES, FLOAT_DTYPES, canonical_header
@@ -306,7 +306,3 @@ def _io_shape(layer: dict[str, Any]) -> Any:
 def _describe_shape(layer: dict[str, Any]) -> str:
     return " ".join(f"{p} {s}" for p, s in sorted(layer["params"].items()))
 
-
-def raise_if(violations: list[str]) -> None:
-    if violations:
-        raise IncompatibleModulesError(violations)
