@@ -9,6 +9,8 @@ blob store and hashed as it is written: its digest costs no second pass.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
@@ -113,6 +115,49 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
+class BackgroundWriter:
+    """Hashes and writes output chunks in a second thread, in order, while the next layer is
+    computed (sha256 and file writes release the GIL). The queue is short, so at most a few
+    layers wait in memory; an error in the thread is raised by ``finish``."""
+
+    DEPTH = 4
+
+    def __init__(self, writer: Any):
+        self._writer = writer
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pem-blob-writer", daemon=True)
+
+    def __enter__(self) -> "BackgroundWriter":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write(chunk)
+                except BaseException as exc:  # re-raised in the caller's thread by finish()
+                    self._error = exc
+
+    def write(self, chunk: memoryview) -> None:
+        if self._error is not None:
+            self.finish()
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():  # leaving on an error: stop the thread, the blob is discarded
+            self._queue.put(None)
+            self._thread.join()
+
+
 def evaluate(
     plan: OutputPlan, store: BlobStore, progress: Progress | None = None, output_store: BlobStore | None = None
 ) -> tuple[str, int, dict[str, Any]]:
@@ -131,6 +176,7 @@ def evaluate(
         torch.set_num_threads(1)
         stack.callback(torch.set_num_threads, threads)
         writer.write(header_bytes)
+        background = stack.enter_context(BackgroundWriter(writer))
         source = LayerSource(plan, store, stack)
         pending: dict[str, torch.Tensor] = {}
         done_layers = 0
@@ -155,7 +201,8 @@ def evaluate(
                 raise IncompatibleModulesError(
                     [f"the result is not finite (NaN or Inf) at {name}: check the inputs and coefficients"]
                 )
-            writer.write(memoryview(tensor.view(torch.uint8).numpy()))
+            background.write(memoryview(tensor.view(torch.uint8).numpy()))
+        background.finish()
         size = writer.sink.bytes_written
         digest = writer.commit()
     return digest, size, compute.finish(stats)
