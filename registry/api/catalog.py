@@ -1,0 +1,489 @@
+"""The catalog core of the Registry: opening, registering, finding, exporting, removing."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, aliased, sessionmaker
+
+from registry import faults
+from registry import lineage as lineage_queries
+from registry.adapters import AdapterMetadata, adapter_type
+from registry.api.common import (
+    CONFIG_FILE,
+    INFO_COLUMNS,
+    VERSION_RETRIES,
+    WEIGHTS_FILE,
+    aliases_of,
+    canonical_json_digest,
+    check_lengths,
+    file_sha256,
+    info_fields,
+    module_details,
+    module_info,
+    next_version,
+    parse_tags,
+    read_adapter_folder,
+    unknown_alias_error,
+)
+from registry.config import Settings
+from registry.db import migrate
+from registry.db.engine import (
+    WRITE,
+    current_revision,
+    make_engine,
+    make_sessionmaker,
+    require_current_schema,
+    sqlite_file_missing,
+)
+from registry.db.models import Alias as AliasRow
+from registry.db.models import (
+    Blob,
+    DerivationInput,
+    Module,
+    Tag,
+)
+from registry.errors import (
+    AmbiguousReferenceError,
+    BlobStoreError,
+    DatabaseError,
+    InvalidAdapterError,
+    ModuleInUseError,
+    PemError,
+    RegistryNotInitializedError,
+    UnknownModuleError,
+)
+from registry.refs import (
+    ModuleName,
+    Reference,
+    parse_module_name,
+    parse_reference,
+)
+from registry.safetensors_io import copy_canonical
+from registry.schemas import (
+    ModuleDetails,
+    ModuleInfo,
+)
+from registry.store import BlobStore, open_store
+
+if TYPE_CHECKING:
+    from registry.api import Registry
+
+
+class Catalog:
+    """Part of :class:`registry.Registry`: opening, registering, finding, exporting, removing."""
+    """A catalog (SQL database) plus a blob store. Open with :meth:`open` or :meth:`init`."""
+
+    def __init__(self, settings: Settings, engine: Engine, store: BlobStore):
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self._sessions: sessionmaker[Session] = make_sessionmaker(engine)
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        database_url: str | None = None,
+        store: str | None = None,
+        user: str | None = None,
+    ) -> "Registry":
+        """Open an existing registry; raises RegistryNotInitializedError if there is none."""
+        settings = Settings.resolve(home, database_url, store, user)
+        missing = sqlite_file_missing(settings.database_url)
+        if missing:  # do not create an empty database file just by looking
+            raise RegistryNotInitializedError(f"no registry at {missing}: run `pem init` to create it")
+        engine = make_engine(settings.database_url)
+        require_current_schema(engine)
+        return cls(settings, engine, open_store(settings.store, home=settings.home))
+
+    @classmethod
+    def init(
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        database_url: str | None = None,
+        store: str | None = None,
+        user: str | None = None,
+    ) -> "Registry":
+        """Create the registry, or upgrade its schema to this version's; then open it."""
+        settings = Settings.resolve(home, database_url, store, user)
+        engine = make_engine(settings.database_url)
+        current_revision(engine)  # a clear error when the database is unreachable
+        migrate.upgrade(engine)
+        if not settings.store.startswith("s3://"):
+            Path(settings.store).mkdir(parents=True, exist_ok=True)
+        store = open_store(settings.store, home=settings.home)
+        store.check()  # a missing or unreachable bucket fails `pem init`, not the first `pem add`
+        return cls(settings, engine, store)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with self._sessions() as session:
+                yield session
+        except (OperationalError, DataError) as exc:
+            raise DatabaseError(f"database error: {str(exc.orig).strip().splitlines()[0]}") from None
+
+    @contextmanager
+    def _write_session(self) -> Iterator[Session]:
+        """A session in one write transaction, committed on success (BEGIN IMMEDIATE on SQLite)."""
+        with self._session() as session, session.begin():
+            session.connection(execution_options=WRITE)
+            yield session
+
+    # --- registering --------------------------------------------------------------------------
+
+    def add(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        task: str | None = None,
+        tags: dict[str, str] | None = None,
+        base_model: str | None = None,
+        base_revision: str | None = None,
+        description: str | None = None,
+        allow_nonfinite: bool = False,
+    ) -> ModuleInfo:
+        """Register the PEFT adapter folder at ``path`` as ``name`` (``NS/NAME``).
+
+        Identical content (tensors and config) already registered under ``name`` is returned
+        as it is (``created`` False); other content becomes the next version.
+        """
+        module_name = parse_module_name(name)
+        tag_pairs = parse_tags(tags)
+        check_lengths(task=task, base_model=base_model, base_revision=base_revision)
+        folder = Path(path)
+        config, metadata, digest, size = self._ingest(folder, base_model, base_revision, allow_nonfinite)
+        return self._register(
+            module_name,
+            kind="trained",
+            digest=digest,
+            size_bytes=size,
+            config=config,
+            metadata=metadata,
+            task=task,
+            tags=tag_pairs,
+            description=description,
+            source={"path": str(folder.absolute()), "file_sha256": file_sha256(folder / WEIGHTS_FILE)},
+        )
+
+    def _ingest(
+        self, folder: Path, base_model: str | None = None, base_revision: str | None = None,
+        allow_nonfinite: bool = False,
+    ) -> tuple[dict[str, Any], AdapterMetadata, str, int]:
+        """Validate an adapter folder and store its weights in canonical form: (config,
+        metadata, digest, size). Every check runs before the blob is written."""
+        config, header = read_adapter_folder(folder)
+        config = dict(config)
+        if base_model is not None:
+            config["base_model_name_or_path"] = base_model
+        if base_revision is not None:
+            config["revision"] = base_revision
+        metadata = adapter_type(str(config["peft_type"])).describe(config, header)
+        if not metadata.base_model:
+            raise InvalidAdapterError(f"{folder / CONFIG_FILE} has no base_model_name_or_path: pass --base-model ID")
+        check_lengths(base_model=metadata.base_model, base_revision=metadata.base_revision,
+                      task_type=metadata.task_type, peft_type=metadata.peft_type)
+        with self.store.writer() as writer:
+            copy_canonical(header, writer.sink, allow_nonfinite)
+            size = writer.sink.bytes_written
+            digest = writer.commit()
+        return config, metadata, digest, size
+
+    def _register(
+        self,
+        name: ModuleName,
+        *,
+        kind: str,
+        digest: str,
+        size_bytes: int,
+        config: dict[str, Any],
+        metadata: AdapterMetadata,
+        task: str | None,
+        tags: list[tuple[str, str]],
+        description: str | None,
+        source: dict[str, Any] | None,
+        attach: Any = None,
+    ) -> ModuleInfo:
+        """Insert a module row for a blob already in the store. ``attach(session, module)``
+        adds rows that must commit in the same transaction (a derivation)."""
+        config_digest = canonical_json_digest(config)
+        for attempt in range(VERSION_RETRIES):
+            try:
+                with self._write_session() as session:
+                    existing = session.scalars(
+                        select(Module).where(
+                            Module.namespace == name.namespace,
+                            Module.name == name.name,
+                            Module.digest == digest,
+                            Module.config_digest == config_digest,
+                        ).order_by(Module.version.desc())
+                    ).first()
+                    if existing is not None:
+                        return module_info(existing, created=False)
+                    if session.get(Blob, digest) is None:
+                        session.add(Blob(digest=digest, size_bytes=size_bytes))
+                    if not self.store.exists(digest):  # collected by a concurrent `pem gc`
+                        raise BlobStoreError(f"blob sha256:{digest[:12]} vanished before registration: try again")
+                    version = next_version(session, name)
+                    module = Module(
+                        namespace=name.namespace,
+                        name=name.name,
+                        version=version,
+                        kind=kind,
+                        digest=digest,
+                        config_digest=config_digest,
+                        peft_type=metadata.peft_type,
+                        composable=metadata.composable and not metadata.unsupported,
+                        unsupported=metadata.unsupported,
+                        base_model=metadata.base_model or "",
+                        base_revision=metadata.base_revision,
+                        task_type=metadata.task_type,
+                        task=task,
+                        rank=metadata.rank,
+                        lora_alpha=metadata.lora_alpha,
+                        use_rslora=metadata.use_rslora,
+                        use_dora=metadata.use_dora,
+                        target_modules=metadata.target_modules,
+                        layers=metadata.layers,
+                        config=config,
+                        dtype=metadata.dtype,
+                        num_parameters=metadata.num_parameters,
+                        size_bytes=size_bytes,
+                        description=description,
+                        owner=self.settings.user,
+                        source=source,
+                        tags=[Tag(key=k, value=v) for k, v in tags],
+                    )
+                    session.add(module)
+                    session.flush()
+                    faults.point("row-flushed")
+                    if attach is not None:
+                        attach(session, module)
+                    # Inputs known only from imported provenance become ordinary nodes now.
+                    session.execute(
+                        update(DerivationInput)
+                        .where(
+                            DerivationInput.input_id.is_(None),
+                            DerivationInput.input_digest == digest,
+                            DerivationInput.module_id != module.id,  # a port shares its input's digest
+                        )
+                        .values(input_id=module.id)
+                    )
+                    session.flush()
+                    return module_info(module, created=True)
+            except IntegrityError:
+                if attempt == VERSION_RETRIES - 1:
+                    raise DatabaseError(
+                        f"could not allocate a version of {name} after {VERSION_RETRIES} attempts "
+                        "(many concurrent writers?): try again"
+                    ) from None
+                time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # let the other writer finish
+        raise AssertionError("unreachable")
+
+    # --- finding ------------------------------------------------------------------------------
+
+    def get(self, ref: str) -> ModuleDetails:
+        """The module a reference names, with layers, config and provenance."""
+        with self._session() as session:
+            module = self._resolve(session, ref)
+            return module_details(module, aliases_of(session, [module.id]).get(module.id, []))
+
+    def list(
+        self,
+        *,
+        base_model: str | None = None,
+        peft_type: str | None = None,
+        task: str | None = None,
+        rank: int | None = None,
+        tags: dict[str, str] | None = None,
+        kind: str | None = None,
+        derived_from: str | None = None,
+        latest: bool = False,
+        limit: int | None = None,
+    ) -> list[ModuleInfo]:
+        """Registered modules matching every given filter, by name then version.
+        ``derived_from`` keeps modules made (transitively) from that reference; ``limit``
+        returns at most that many."""
+        query = select(*INFO_COLUMNS)
+        if base_model is not None:
+            query = query.where(Module.base_model == base_model)
+        if peft_type is not None:
+            query = query.where(Module.peft_type == peft_type.upper().replace("(IA)^3", "IA3"))
+        if task is not None:
+            query = query.where(Module.task == task)
+        if rank is not None:
+            query = query.where(Module.rank == rank)
+        if kind is not None:
+            query = query.where(Module.kind == kind)
+        for key, value in (tags or {}).items():
+            query = query.where(Module.tags.any((Tag.key == key) & (Tag.value == value)))
+        if latest:
+            newer = aliased(Module)
+            query = query.where(
+                ~select(newer.id).where(
+                    newer.namespace == Module.namespace, newer.name == Module.name, newer.version > Module.version
+                ).exists()
+            )
+        with self._session() as session:
+            if derived_from is not None:
+                root = self._resolve(session, derived_from)
+                ids = lineage_queries.descendant_ids(root.id)
+                query = query.where(Module.id.in_(select(ids.c.id)), Module.id != root.id)
+            rows = session.execute(query.order_by(Module.namespace, Module.name, Module.version).limit(limit)).all()
+            tags_by_module: dict[int, dict[str, str]] = {}
+            aliases: dict[int, list[str]] = {}
+            if rows:
+                matching = [row.id for row in rows] if limit is not None else query.with_only_columns(Module.id)
+                for tag in session.execute(
+                    select(Tag.module_id, Tag.key, Tag.value).where(Tag.module_id.in_(matching)).order_by(Tag.key)
+                ):
+                    tags_by_module.setdefault(tag.module_id, {})[tag.key] = tag.value
+                aliases = aliases_of(session, matching)
+        # Rows come from typed columns: construct without re-validating each field.
+        return [
+            ModuleInfo.model_construct(**info_fields(row, tags_by_module.get(row.id, {}), aliases.get(row.id, [])))
+            for row in rows
+        ]
+
+    def resolve(self, ref: str) -> ModuleInfo:
+        """What a reference points at (without layers and config)."""
+        with self._session() as session:
+            module = self._resolve(session, ref)
+            return module_info(module, aliases=aliases_of(session, [module.id]).get(module.id, []))
+
+    def _resolve(self, session: Session, ref: str | Reference) -> Module:
+        parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
+        if parsed.digest_prefix is not None:
+            return self._resolve_digest(session, parsed)
+        assert parsed.module is not None
+        ns, name = parsed.module.namespace, parsed.module.name
+        query = select(Module).where(Module.namespace == ns, Module.name == name)
+        if parsed.alias is not None:
+            module = session.scalars(
+                select(Module).join(AliasRow, AliasRow.module_id == Module.id).where(
+                    AliasRow.namespace == ns, AliasRow.name == name, AliasRow.alias == parsed.alias
+                )
+            ).first()
+            if module is None:
+                raise unknown_alias_error(session, parsed.module, parsed.alias)
+            return module
+        if parsed.version is not None:
+            module = session.scalars(query.where(Module.version == parsed.version)).first()
+        else:
+            module = session.scalars(query.order_by(Module.version.desc())).first()
+        if module is not None:
+            return module
+        versions = session.scalars(select(Module.version).where(Module.namespace == ns, Module.name == name)).all()
+        if versions:
+            raise UnknownModuleError(
+                f"no version {parsed.version} of {parsed.module}: it has versions {', '.join(map(str, sorted(versions)))}"
+            )
+        raise UnknownModuleError(f"no module named {parsed.module}{self._suggest(session, str(parsed.module))}")
+
+    def _resolve_digest(self, session: Session, parsed: Reference) -> Module:
+        prefix = parsed.digest_prefix or ""
+        matches = session.scalars(
+            select(Module).where(Module.digest.like(prefix + "%")).order_by(Module.namespace, Module.name, Module.version)
+        ).all()
+        if not matches:
+            raise UnknownModuleError(f"no module has a digest starting with {prefix}")
+        if len(matches) > 1:
+            listed = ", ".join(f"{m.ref} (sha256:{m.digest[:12]})" for m in matches[:10])
+            raise AmbiguousReferenceError(
+                f"sha256:{prefix} matches {len(matches)} modules: {listed}; use a longer prefix or NS/NAME@VERSION"
+            )
+        return matches[0]
+
+    @staticmethod
+    def _suggest(session: Session, wanted: str) -> str:
+        names = session.execute(select(Module.namespace, Module.name).distinct()).all()
+        close = difflib.get_close_matches(wanted, [f"{ns}/{n}" for ns, n in names], n=3, cutoff=0.6)
+        return f"; did you mean {', '.join(close)}?" if close else ""
+
+    # --- exporting and removing ---------------------------------------------------------------
+
+    def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``
+        (new or empty), a folder that ``PeftModel.from_pretrained`` loads."""
+        target = Path(directory)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise PemError(f"export target {target} exists and is not an empty folder: choose a new folder")
+        with self._session() as session:
+            module = self._resolve(session, ref)
+            config, digest = module.config, module.digest
+        blob = self.store.local_path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".pem-export-", dir=target.parent))
+        try:
+            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(blob, staging / WEIGHTS_FILE)
+            if target.exists():
+                target.rmdir()
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def remove(self, ref: str) -> ModuleInfo:
+        """Delete a module version; refused while modules derived from it exist. Its blob is
+        deleted when no other module uses it."""
+        with self._write_session() as session:
+            module = self._resolve(session, ref)
+            dependents = session.scalars(
+                select(Module).join(DerivationInput, DerivationInput.module_id == Module.id)
+                .where(DerivationInput.input_id == module.id).order_by(Module.id)
+            ).all()
+            if dependents:
+                names = ", ".join(m.ref for m in dependents[:5])
+                raise ModuleInUseError(
+                    f"cannot remove {module.ref}: {names} {'was' if len(dependents) == 1 else 'were'} derived from it; "
+                    "remove those first"
+                )
+            labels = aliases_of(session, [module.id]).get(module.id, [])
+            if labels:
+                raise ModuleInUseError(
+                    f"cannot remove {module.ref}: alias {', '.join(labels)} points at it; "
+                    "move it (`pem alias set`) or remove it (`pem alias rm`) first"
+                )
+            info = module_info(module)
+            digest = module.digest
+            session.delete(module)
+            session.flush()
+            orphan = session.scalar(select(func.count()).where(Module.digest == digest)) == 0
+            if orphan:
+                session.delete(session.get(Blob, digest))
+        if orphan:  # after the commit: a crash here leaves a stray file, never a dangling row
+            self.store.delete(digest)
+        return info
+
+
+# --- reading adapter folders ------------------------------------------------------------------
+
+

@@ -1,0 +1,244 @@
+"""Helpers shared by the parts of the Registry class: validation of names and tags,
+reading adapter folders, and turning catalog rows into results."""
+
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from registry import lineage as lineage_queries
+from registry.db.models import Alias as AliasRow
+from registry.db.models import (
+    Module,
+    NameCounter,
+)
+from registry.errors import (
+    InvalidAdapterError,
+    InvalidNameError,
+    UnknownModuleError,
+    UnsafeFormatError,
+)
+from registry.refs import (
+    ModuleName,
+)
+from registry.safetensors_io import SafetensorsHeader, read_header
+from registry.schemas import (
+    ModuleDetails,
+    ModuleInfo,
+    Provenance,
+    ProvenanceInput,
+)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
+TAG_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+VERSION_RETRIES = 10
+GC_GRACE_SECONDS = 3600.0  # unreferenced blobs younger than this may belong to a writer in flight  # concurrent registrations of one name race for the next version
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` -> (key, value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not TAG_KEY_RE.fullmatch(key):
+        raise InvalidNameError(f"invalid tag {text!r}: use KEY=VALUE, KEY of letters, digits, '_', '.', ':', '-'")
+    return key, value
+
+
+# Column sizes of the catalog, checked before anything is written.
+MAX_LENGTHS = {"task": 128, "base_model": 255, "base_revision": 255, "task_type": 64, "peft_type": 32}
+MAX_TAG_VALUE = 512
+
+
+def check_lengths(**values: str | None) -> None:
+    for field, value in values.items():
+        limit = MAX_LENGTHS[field]
+        if value is not None and len(value) > limit:
+            raise InvalidNameError(f"{field.replace('_', ' ')} is {len(value)} characters long; the limit is {limit}")
+
+
+def parse_tags(tags: dict[str, str] | None) -> list[tuple[str, str]]:
+    """Validate tags given as a mapping; sorted pairs."""
+    pairs = []
+    for key, value in (tags or {}).items():
+        if not TAG_KEY_RE.fullmatch(key):
+            raise InvalidNameError(f"invalid tag key {key!r}: use letters, digits, '_', '.', ':', '-'")
+        if len(str(value)) > MAX_TAG_VALUE:
+            raise InvalidNameError(f"tag {key} has a value of {len(str(value))} characters; the limit is {MAX_TAG_VALUE}")
+        pairs.append((key, str(value)))
+    return sorted(pairs)
+
+
+def canonical_json_digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_adapter_folder(folder: Path) -> tuple[dict[str, Any], SafetensorsHeader]:
+    """Validate a PEFT adapter folder and read its config and weights header (no tensor data)."""
+    if not folder.is_dir():
+        raise InvalidAdapterError(f"{folder} is not a folder: pass a PEFT adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise InvalidAdapterError(f"{folder} has no {CONFIG_FILE}: is it a PEFT adapter folder?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge integers, hostile nesting
+        raise InvalidAdapterError(f"{config_path} is not valid JSON ({exc.__class__.__name__}): fix or re-save it") from None
+    if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
+        raise InvalidAdapterError(f"{config_path} has no peft_type: is it a PEFT adapter config?")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        pickles = [p for p in PICKLE_FILES if (folder / p).is_file()]
+        if pickles:
+            raise UnsafeFormatError(
+                f"{folder / pickles[0]} is a pickle, which the registry never loads: convert it to safetensors "
+                "(load it in PEFT and save_pretrained(..., safe_serialization=True))"
+            )
+        raise InvalidAdapterError(f"{folder} has no {WEIGHTS_FILE}")
+    return config, read_header(weights)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 * 1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- rows to results --------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    """The stack a derivation was computed with (bit-for-bit re-derivation depends on it)."""
+    import platform
+
+    import safetensors
+    import torch
+
+    from registry import __version__
+
+    return {
+        "pem_registry": __version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# Columns of a ModuleInfo, selected directly by list(): no ORM objects, no large JSON.
+INFO_COLUMNS = (
+    Module.id, Module.namespace, Module.name, Module.version, Module.digest, Module.kind, Module.peft_type,
+    Module.composable, Module.base_model, Module.base_revision, Module.task, Module.task_type, Module.rank,
+    Module.lora_alpha, Module.use_rslora, Module.use_dora, Module.target_modules, Module.dtype,
+    Module.num_parameters, Module.size_bytes, Module.owner, Module.description, Module.created_at,
+)
+
+
+def info_fields(module: Any, tags: dict[str, str], aliases: list[str]) -> dict[str, Any]:
+    """ModuleInfo fields from a Module row or a row of INFO_COLUMNS."""
+    return dict(
+        name=f"{module.namespace}/{module.name}",
+        version=module.version,
+        ref=f"{module.namespace}/{module.name}@{module.version}",
+        digest=module.digest,
+        kind=module.kind,
+        peft_type=module.peft_type,
+        composable=module.composable,
+        base_model=module.base_model,
+        base_revision=module.base_revision,
+        task=module.task,
+        task_type=module.task_type,
+        rank=module.rank,
+        lora_alpha=module.lora_alpha,
+        use_rslora=module.use_rslora,
+        use_dora=module.use_dora,
+        target_modules=module.target_modules,
+        dtype=module.dtype,
+        num_parameters=module.num_parameters,
+        size_bytes=module.size_bytes,
+        tags=tags,
+        aliases=aliases,
+        owner=module.owner,
+        description=module.description,
+        created_at=module.created_at,
+    )
+
+
+def unknown_alias_error(session: Session, name: ModuleName, label: str) -> UnknownModuleError:
+    known = session.scalars(
+        select(AliasRow.alias).where(AliasRow.namespace == name.namespace, AliasRow.name == name.name)
+    ).all()
+    listed = f"; it has {', '.join(sorted(known))}" if known else "; set one with `pem alias set`"
+    return UnknownModuleError(f"{name} has no alias {label!r}{listed}")
+
+
+def next_version(session: Session, name: ModuleName) -> int:
+    """Take the next version of ``name``: one atomic UPDATE ... RETURNING, so concurrent
+    writers queue on the counter's row lock and each gets its own number. The first
+    registration of a name inserts the counter (two racing inserts: one retries)."""
+    taken = session.execute(
+        update(NameCounter)
+        .where(NameCounter.namespace == name.namespace, NameCounter.name == name.name)
+        .values(last_version=NameCounter.last_version + 1)
+        .returning(NameCounter.last_version)
+    ).scalar()
+    if taken is None:
+        session.add(NameCounter(namespace=name.namespace, name=name.name, last_version=1))
+        session.flush()
+        taken = 1
+    return taken
+
+
+def module_info(module: Module, created: bool = True, aliases: list[str] | None = None) -> ModuleInfo:
+    return ModuleInfo(**info_fields(module, {t.key: t.value for t in module.tags}, aliases or []), created=created)
+
+
+def aliases_of(session: Session, module_ids: Any) -> dict[int, list[str]]:
+    """Alias labels per module id (``module_ids``: a list or a select of ids)."""
+    found: dict[int, list[str]] = {}
+    for row in session.execute(
+        select(AliasRow.module_id, AliasRow.alias).where(AliasRow.module_id.in_(module_ids)).order_by(AliasRow.alias)
+    ):
+        found.setdefault(row.module_id, []).append(row.alias)
+    return found
+
+
+def module_details(module: Module, aliases: list[str]) -> ModuleDetails:
+    derivation = module.derivation
+    provenance = None
+    if derivation is not None:
+        provenance = Provenance(
+            expression=derivation.expression,
+            canonical=derivation.canonical,
+            method=derivation.method,
+            method_version=derivation.method_version,
+            parameters=derivation.parameters,
+            results=derivation.results,
+            environment=derivation.environment,
+            inputs=[
+                ProvenanceInput(
+                    ref=i.input.ref if i.input is not None else lineage_queries.external_label(i.external, i.input_digest),
+                    digest=i.input_digest, a=i.a, b=i.b,
+                )
+                for i in derivation.inputs
+            ],
+            created_at=derivation.created_at,
+        )
+    return ModuleDetails(
+        **info_fields(module, {t.key: t.value for t in module.tags}, aliases),
+        unsupported=module.unsupported,
+        layers=module.layers,
+        config=module.config,
+        source=module.source,
+        provenance=provenance,
+    )
+

@@ -1,0 +1,177 @@
+"""Composition: check an expression on metadata, then evaluate it into a new module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from registry.adapters import adapter_type
+from registry.api.common import (
+    environment,
+    module_info,
+)
+from registry.compose.plan import InputModule, OutputPlan, bind_terms, build_plan, parse_expression
+from registry.db.models import (
+    Derivation,
+    DerivationInput,
+    Module,
+)
+from registry.errors import (
+    AmbiguousReferenceError,
+    IncompatibleModulesError,
+    InvalidNameError,
+    NameConflictError,
+    NotFoundError,
+    UnsupportedMethodError,
+)
+from registry.language import caret
+from registry.methods import DEFAULT_METHOD, get_method
+from registry.refs import (
+    parse_module_name,
+)
+from registry.safetensors_io import read_header
+from registry.schemas import (
+    CheckReport,
+    Deviation,
+    ModuleInfo,
+    OutputSummary,
+    TermInfo,
+)
+
+
+class Composing:
+    """Part of :class:`registry.Registry` (see registry/api/__init__.py)."""
+
+
+    def check(
+        self,
+        expression: str,
+        *,
+        method: str = DEFAULT_METHOD,
+        rank: int | None = None,
+        dtype: str | None = None,
+        union: bool = False,
+        deviation: bool = False,
+    ) -> CheckReport:
+        """Parse, resolve, type-check and validate ``expression`` on metadata alone, and say
+        what the output would be. Incompatibilities are listed in the report (``composable``
+        False), not raised. ``deviation`` (LoRA, method ``module``) reads the tensors to
+        measure how far the result's effect is from the exact sum."""
+        plan, inputs, canonical_text, violations = self._plan(expression, method, rank, dtype, union)
+        report = CheckReport(
+            expression=expression,
+            canonical=canonical_text,
+            method=method,
+            parameters=plan.parameters if plan else {"rank": rank, "union": union, "dtype": dtype},
+            composable=plan is not None,
+            violations=violations,
+            terms=[
+                TermInfo(ref=i.ref, digest=i.digest, peft_type=i.peft_type, a=float(i.a), b=float(i.b))
+                for i in sorted(inputs, key=lambda i: i.position)
+            ],
+            output=None if plan is None else OutputSummary(
+                peft_type=plan.peft_type, dtype=plan.dtype, rank=plan.max_rank, layers=len(plan.layers),
+                num_parameters=plan.num_parameters, size_bytes=plan.size_bytes,
+            ),
+            notes=plan.notes if plan else [],
+        )
+        if deviation and plan is not None:
+            if plan.peft_type != "LORA" or method != "module":
+                raise UnsupportedMethodError("--deviation applies to LoRA inputs with method 'module'")
+            from registry.compose.engine import measure_deviation
+
+            report.deviation = Deviation(**measure_deviation(plan, self.store))
+        return report
+
+    def compose(
+        self,
+        expression: str,
+        name: str,
+        *,
+        method: str = DEFAULT_METHOD,
+        rank: int | None = None,
+        dtype: str | None = None,
+        union: bool = False,
+        description: str | None = None,
+        new_version: bool = False,
+        progress: Any = None,
+    ) -> ModuleInfo:
+        """Evaluate ``expression`` into a new module ``name`` (kind ``derived``), stored with
+        its provenance. Asking again for the same derivation returns the existing module
+        (``created`` False); another derivation under an existing name is refused unless
+        ``new_version``."""
+        output_name = parse_module_name(name)
+        plan, _, _, violations = self._plan(expression, method, rank, dtype, union)
+        if plan is None:
+            raise IncompatibleModulesError(violations)
+        identity = plan.identity()
+        with self._session() as session:
+            same_name = session.scalars(
+                select(Module).where(Module.namespace == output_name.namespace, Module.name == output_name.name)
+                .order_by(Module.version.desc())
+            ).all()
+            for module in same_name:
+                if module.derivation is not None and module.derivation.identity == identity:
+                    return module_info(module, created=False)
+            if same_name and not new_version:
+                raise NameConflictError(
+                    f"{output_name} already exists ({same_name[0].ref}) and was made differently: "
+                    "choose another --name, or pass --new-version to add a version"
+                )
+            earlier = session.scalars(
+                select(Derivation).where(Derivation.identity == identity).order_by(Derivation.module_id)
+            ).first()
+            reuse = (earlier.module.digest, earlier.results) if earlier is not None else None
+        if reuse is not None and self.store.exists(reuse[0]):
+            digest, results = reuse  # the same derivation was computed before: share its blob
+            size = self.store.size(digest)
+        else:
+            from registry.compose.engine import evaluate
+
+            digest, size, results = evaluate(plan, self.store, progress)
+        handler = adapter_type(plan.peft_type)
+        metadata = handler.describe(plan.config, read_header(self.store.local_path(digest)))
+
+        def attach(session: Session, module: Module) -> None:
+            session.add(Derivation(
+                module_id=module.id,
+                expression=expression,
+                canonical=plan.canonical,
+                method=plan.method.name,
+                method_version=plan.method.version,
+                parameters=plan.parameters,
+                results=results,
+                environment=environment(),
+                identity=identity,
+                inputs=[
+                    DerivationInput(position=n, input_id=i.module_id, input_digest=i.digest, a=float(i.a), b=float(i.b))
+                    for n, i in enumerate(plan.inputs)
+                ],
+            ))
+
+        return self._register(
+            output_name, kind="derived", digest=digest, size_bytes=size, config=plan.config, metadata=metadata,
+            task=None, tags=[], description=description, source=None, attach=attach,
+        )
+
+    def _plan(
+        self, expression: str, method_name: str, rank: int | None, dtype: str | None, union: bool
+    ) -> tuple[OutputPlan | None, list[InputModule], str, list[str]]:
+        """Everything before tensors: (plan or None, inputs, canonical text, violations)."""
+        method = get_method(method_name)
+        tree, terms = parse_expression(expression)
+        with self._session() as session:
+            def resolve(ref: str) -> InputModule:
+                term = next(t for t in terms if t.ref == ref)
+                try:
+                    module = self._resolve(session, ref)
+                except (NotFoundError, AmbiguousReferenceError, InvalidNameError) as exc:
+                    raise type(exc)(f"{exc}\n{caret(expression, term.start, term.end)}") from None
+                return InputModule.from_row(module, position=terms.index(term))
+
+            inputs, canonical_text = bind_terms(tree, terms, resolve, expression)
+        plan, violations = build_plan(expression, canonical_text, inputs, method, {"rank": rank}, dtype, union)
+        return plan, inputs, canonical_text, violations
+

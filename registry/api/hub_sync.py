@@ -1,0 +1,213 @@
+"""Hugging Face Hub sync: pull, push, sync."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from registry import faults, hub
+from registry.api.common import (
+    WEIGHTS_FILE,
+    check_lengths,
+    file_sha256,
+    module_info,
+    parse_tags,
+)
+from registry.db.models import (
+    Derivation,
+    DerivationInput,
+    HubLink,
+    Module,
+)
+from registry.errors import (
+    HubError,
+    InvalidNameError,
+)
+from registry.refs import (
+    parse_module_name,
+)
+from registry.schemas import (
+    ModuleInfo,
+    ProvenanceSidecar,
+    PushResult,
+    SyncStatus,
+)
+
+
+class HubSync:
+    """Part of :class:`registry.Registry` (see registry/api/__init__.py)."""
+
+
+    def pull(
+        self,
+        repo: str,
+        *,
+        name: str | None = None,
+        task: str | None = None,
+        tags: dict[str, str] | None = None,
+        endpoint: str | None = None,
+    ) -> ModuleInfo:
+        """Register the adapter at ``REPO_ID[@REVISION]`` on the Hub (kind ``pulled``), pinned
+        to the commit the revision resolves to. Pulling a commit already pulled returns its
+        module (``created`` False); a new commit becomes a new version. Provenance in a
+        ``pem-provenance.json`` sidecar is imported."""
+        repo_id, revision = hub.parse_repo_reference(repo)
+        module_name = parse_module_name(name or hub.default_name(repo_id))
+        tag_pairs = parse_tags(tags)
+        check_lengths(task=task)
+        endpoint = (endpoint or self.settings.hub_endpoint).rstrip("/")
+        commit, names = hub.resolve(repo_id, revision, endpoint)
+        with self._session() as session:
+            known = session.scalars(
+                select(Module).join(HubLink, HubLink.module_id == Module.id).where(
+                    HubLink.direction == "pull", HubLink.repo_id == repo_id, HubLink.commit == commit,
+                    Module.namespace == module_name.namespace, Module.name == module_name.name,
+                )
+            ).first()
+            if known is not None:
+                return module_info(known, created=False)
+        with tempfile.TemporaryDirectory(prefix="pem-pull-") as tmp:
+            files = hub.download(repo_id, commit, names, endpoint, Path(tmp))
+            faults.point("pull-downloaded")
+            config, metadata, digest, size = self._ingest(Path(tmp))
+            weights_oid = hub.git_blob_oid(Path(tmp) / WEIGHTS_FILE)
+            weights_sha256 = file_sha256(Path(tmp) / WEIGHTS_FILE)
+        link = HubLink(direction="pull", endpoint=endpoint, repo_id=repo_id, revision=revision or "main",
+                       commit=commit, weights_oid=weights_oid)
+        sidecar = files.sidecar if files.sidecar and files.sidecar.module.digest == digest else None
+
+        def attach(session: Session, module: Module) -> None:
+            link.module_id = module.id
+            session.add(link)
+            if sidecar is not None and sidecar.derivation is not None:
+                session.add(imported_derivation(session, module, sidecar, repo_id, commit))
+
+        source = {"hub": {"endpoint": endpoint, "repo_id": repo_id, "revision": revision or "main", "commit": commit,
+                          "file_sha256": weights_sha256}, "card": files.card}
+        info = self._register(
+            module_name, kind="pulled", digest=digest, size_bytes=size, config=config, metadata=metadata,
+            task=task, tags=tag_pairs, description=None, source=source, attach=attach,
+        )
+        if not info.created:  # same content as a version we have: remember this commit too
+            with self._write_session() as session:
+                link.module_id = session.scalars(select(Module.id).where(
+                    Module.namespace == module_name.namespace, Module.name == module_name.name,
+                    Module.version == info.version)).one()
+                session.add(link)
+        return info
+
+    def push(
+        self,
+        ref: str,
+        repo: str,
+        *,
+        private: bool = False,
+        branch: str | None = None,
+        message: str | None = None,
+        endpoint: str | None = None,
+    ) -> PushResult:
+        """Publish a module to the Hub: config, weights, a model card and the provenance
+        sidecar. Creates the repo if needed; unchanged content makes no new commit."""
+        repo_id, revision = hub.parse_repo_reference(repo)
+        if revision:
+            raise InvalidNameError(f"push takes a repo id without @revision: use --branch {revision}")
+        endpoint = (endpoint or self.settings.hub_endpoint).rstrip("/")
+        with self._session() as session:
+            module = self._resolve(session, ref)
+            input_ids = [i.input_id for i in module.derivation.inputs if i.input_id] if module.derivation else []
+            links = {
+                link.module_id: {"repo_id": link.repo_id, "commit": link.commit}
+                for link in session.scalars(select(HubLink).where(HubLink.module_id.in_(input_ids)).order_by(HubLink.id))
+            }
+            sidecar = hub.sidecar_for(module, links)
+            card = hub.model_card(module, sidecar)
+            config, module_id, module_ref = module.config, module.id, module.ref
+        weights = self.store.local_path(module.digest)
+        with tempfile.TemporaryDirectory(prefix="pem-push-") as tmp:
+            hub.stage_push(Path(tmp), config, weights, card, sidecar)
+            commit = hub.upload(endpoint, repo_id, Path(tmp), private=private, branch=branch,
+                                message=message or f"pem-registry: push {module_ref}")
+        with self._write_session() as session:
+            session.add(HubLink(module_id=module_id, direction="push", endpoint=endpoint, repo_id=repo_id,
+                                revision=branch or "main", commit=commit, weights_oid=hub.git_blob_oid(weights)))
+        return PushResult(ref=module_ref, repo_id=repo_id, branch=branch or "main", commit=commit,
+                          url=f"{endpoint}/{repo_id}")
+
+    def sync(self, *, pull: bool = False, endpoint: str | None = None) -> list[SyncStatus]:
+        """For each pulled module, whether its repo moved on since the pinned commit; for each
+        pushed one, whether the remote still holds what was pushed. ``pull`` pulls new
+        commits as new versions."""
+        with self._session() as session:
+            # The newest link of each (name, direction, repo, branch): once a new commit was
+            # pulled as @2, @1 is history, not a module that is behind.
+            latest = (
+                select(func.max(HubLink.id))
+                .join(Module, Module.id == HubLink.module_id)
+                .group_by(Module.namespace, Module.name, HubLink.direction, HubLink.repo_id, HubLink.revision)
+            )
+            rows = [
+                (link, module.ref, module.full_name)
+                for link, module in session.execute(
+                    select(HubLink, Module).join(Module, Module.id == HubLink.module_id)
+                    .where(HubLink.id.in_(latest)).order_by(HubLink.id)
+                )
+            ]
+        return [self._sync_one(link, ref, full_name, pull, endpoint or link.endpoint) for link, ref, full_name in rows]
+
+    def _sync_one(self, link: HubLink, ref: str, full_name: str, pull: bool, endpoint: str) -> SyncStatus:
+        base = dict(ref=ref, direction=link.direction, repo_id=link.repo_id, revision=link.revision, commit=link.commit)
+        try:
+            head = hub.remote_head(endpoint, link.repo_id, link.revision)
+            if link.direction == "pull":
+                if head == link.commit:
+                    return SyncStatus(**base, remote_commit=head, status="up-to-date", detail="pinned commit is the head")
+                pulled = None
+                if pull:
+                    info = self.pull(f"{link.repo_id}@{link.revision}", name=full_name, endpoint=endpoint)
+                    pulled = info.ref if info.created else None
+                return SyncStatus(**base, remote_commit=head, status="behind", pulled=pulled,
+                                  detail=f"{link.revision} moved to {head[:12]}")
+            oid = hub.remote_weights_oid(endpoint, link.repo_id, link.revision)
+        except HubError as exc:
+            return SyncStatus(**base, remote_commit=None, status="error", detail=str(exc))
+        if oid is None:
+            return SyncStatus(**base, remote_commit=head, status="missing", detail="the weights are gone from the remote")
+        if oid != link.weights_oid:
+            return SyncStatus(**base, remote_commit=head, status="changed", detail="the remote weights differ from what was pushed")
+        return SyncStatus(**base, remote_commit=head, status="in-sync", detail="the remote holds what was pushed")
+
+
+def imported_derivation(
+    session: Session, module: Module, sidecar: ProvenanceSidecar, repo_id: str, commit: str
+) -> Derivation:
+    """The derivation a pulled sidecar describes; inputs registered here (by digest) are
+    linked, the others are external nodes with the repo and commit they were published at."""
+    assert sidecar.derivation is not None
+    d = sidecar.derivation
+    digests = [i.digest for i in d.inputs]
+    local = {}
+    for row in session.execute(
+        select(Module.digest, func.min(Module.id))
+        .where(Module.digest.in_(digests), Module.id != module.id)  # a port shares its input's digest
+        .group_by(Module.digest)
+    ):
+        local[row[0]] = row[1]
+    inputs = [
+        DerivationInput(
+            position=n, input_id=local.get(i.digest), input_digest=i.digest, a=i.a, b=i.b,
+            external={"ref": i.ref, **(i.hub or {})},
+        )
+        for n, i in enumerate(d.inputs)
+    ]
+    identity = hashlib.sha256(json.dumps(["imported", repo_id, commit, module.digest]).encode()).hexdigest()
+    environment = {**d.environment, "imported_from": f"{repo_id}@{commit}"}
+    return Derivation(
+        module_id=module.id, expression=d.expression, canonical=d.canonical, method=d.method,
+        method_version=d.method_version, parameters=d.parameters, results=d.results, environment=environment,
+        identity=identity, inputs=inputs,
+    )
