@@ -10,65 +10,20 @@ for ``rank_pattern`` / ``alpha_pattern``). No registry code computes an expectat
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_ia3, make_lora, tiny_llama
+from independent import CONFIG, effects, ia3_vectors, lora_layers
 from safetensors import safe_open
 
-from helpers import make_ia3, make_lora, tensors, tiny_llama
-
-CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".ia3_l")
 RTOL, ATOL = 1e-5, 1e-6  # float32 outputs against float64 expectations
 SVD_RTOL, SVD_ATOL = 1e-4, 1e-5
 
 
 # --- independent readers (SEMANTICS.md section 1) ------------------------------------------------
-
-
-def module_of(tensor_name: str) -> str:
-    name = tensor_name[len(PREFIX):] if tensor_name.startswith(PREFIX) else tensor_name
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    raise AssertionError(f"unexpected tensor {tensor_name}")
-
-
-def pattern_value(patterns: dict | None, module: str, default):
-    """PEFT's rule: the first key whose regex matches the end of the module name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def lora_layers(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """module -> (A, B, scaling), factors in float64, scaling from the folder's config."""
-    config = json.loads((folder / CONFIG).read_text())
-    named = tensors(folder)
-    layers = {}
-    for module in sorted({module_of(n) for n in named}):
-        a = named[f"{PREFIX}{module}.lora_A.weight"].double()
-        b = named[f"{PREFIX}{module}.lora_B.weight"].double()
-        r = pattern_value(config.get("rank_pattern"), module, config["r"])
-        alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
-        assert a.shape[0] == r == b.shape[1], (module, a.shape, r)
-        s = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        layers[module] = (a, b, s)
-    return layers
-
-
-def effects(folder: Path) -> dict[str, torch.Tensor]:
-    return {m: s * (b @ a) for m, (a, b, s) in lora_layers(folder).items()}
-
-
-def ia3_vectors(folder: Path) -> dict[str, torch.Tensor]:
-    return {module_of(n): t.double() for n, t in tensors(folder).items()}
 
 
 def assert_effects(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rtol=RTOL, atol=ATOL) -> None:

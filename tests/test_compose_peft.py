@@ -8,21 +8,16 @@ input adapters' tensors; the registry's output is read back through ``Registry.e
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import make_ia3, make_lora, tensors, tiny_llama
+from independent import effects, lora_layers, module_of
 
 peft = pytest.importorskip("peft")
 
-CONFIG = "adapter_config.json"
-PREFIX = "base_model.model."
-SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".ia3_l")
 RTOL, ATOL = 1e-5, 1e-6
 SVD_RTOL, SVD_ATOL = 1e-4, 1e-5
 WEIGHTS = [0.5, 0.5, -0.3]
@@ -30,40 +25,6 @@ EXPRESSION = "0.5*team/a + 0.5*team/b - 0.3*team/c"  # the same weights, in the 
 
 
 # --- independent readers (SEMANTICS.md section 1) ------------------------------------------------
-
-
-def module_of(tensor_name: str) -> str:
-    name = tensor_name[len(PREFIX):] if tensor_name.startswith(PREFIX) else tensor_name
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    raise AssertionError(f"unexpected tensor {tensor_name}")
-
-
-def pattern_value(patterns: dict | None, module: str, default):
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def lora_layers(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """module -> (A, B, scaling) in float64, the scaling from the folder's own config."""
-    config = json.loads((folder / CONFIG).read_text())
-    named = tensors(folder)
-    layers = {}
-    for module in sorted({module_of(n) for n in named}):
-        a = named[f"{PREFIX}{module}.lora_A.weight"].double()
-        b = named[f"{PREFIX}{module}.lora_B.weight"].double()
-        r = pattern_value(config.get("rank_pattern"), module, config["r"])
-        alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
-        assert a.shape[0] == r == b.shape[1], (module, a.shape, r)
-        layers[module] = (a, b, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
-    return layers
-
-
-def effects(folder: Path) -> dict[str, torch.Tensor]:
-    return {m: s * (b @ a) for m, (a, b, s) in lora_layers(folder).items()}
 
 
 def exact_sum(folders: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:

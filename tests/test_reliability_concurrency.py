@@ -17,29 +17,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import save_file
+from independent import make_numpy_lora as make_adapter
 from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 8
-LAYERS = ("base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.v_proj")
 BAD_STDERR = ("database is locked", "could not serialize", "serializ", "deadlock", "Traceback", "could not allocate")
-
-
-def make_adapter(folder: Path, seed: int, r: int = 4, hidden: int = 16) -> Path:
-    """A small valid LoRA adapter folder (config + safetensors), values from ``seed``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in LAYERS:
-        tensors[f"{layer}.lora_A.weight"] = (rng.standard_normal((r, hidden)) * 0.3).astype(np.float32)
-        tensors[f"{layer}.lora_B.weight"] = (rng.standard_normal((hidden, r)) * 0.3).astype(np.float32)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-              "base_model_name_or_path": "tiny-org/tiny-llama", "task_type": "CAUSAL_LM"}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
 
 
 # One launcher process imports everything once (torch included: compose must not start late),

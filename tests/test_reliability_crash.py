@@ -10,7 +10,6 @@ Expected sets are computed from the files on disk and the catalog's rows, not fr
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -18,26 +17,10 @@ import sys
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from independent import make_numpy_lora as make_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.v_proj")
-
-
-def make_adapter(folder: Path, seed: int, r: int = 4, hidden: int = 16) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in LAYERS:
-        tensors[f"{layer}.lora_A.weight"] = (rng.standard_normal((r, hidden)) * 0.3).astype(np.float32)
-        tensors[f"{layer}.lora_B.weight"] = (rng.standard_normal((hidden, r)) * 0.3).astype(np.float32)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-              "base_model_name_or_path": "tiny-org/tiny-llama", "task_type": "CAUSAL_LM"}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
 
 
 def run_cli(pem_env: dict[str, str], tmp: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:

@@ -23,9 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from independent import make_numpy_lora as make_adapter
 
 from registry import Registry
 from registry.errors import InvalidNameError, ModuleInUseError, NotFoundError, PemError
@@ -33,7 +32,6 @@ from registry.errors import InvalidNameError, ModuleInUseError, NotFoundError, P
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENT = 6  # processes moving one alias at once
 CREATORS = 3  # processes creating one alias at once
-LAYERS = ("base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.v_proj")
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -74,23 +72,6 @@ def sha256_file(path: Path) -> str:
 
 
 # --- adapters, built once -----------------------------------------------------------------------
-
-
-def make_adapter(folder: Path, seed: int, r: int = 4, hidden: int = 16) -> Path:
-    """A small valid PEFT LoRA folder (config + safetensors) with tensors from ``seed``. Built
-    with numpy: content is all these tests need, and it keeps PEFT and transformers out of
-    the run (helpers.make_lora costs seconds to import)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in LAYERS:
-        tensors[f"{layer}.lora_A.weight"] = (rng.standard_normal((r, hidden)) * 0.3).astype(np.float32)
-        tensors[f"{layer}.lora_B.weight"] = (rng.standard_normal((hidden, r)) * 0.3).astype(np.float32)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-              "base_model_name_or_path": "tiny-org/tiny-llama", "task_type": "CAUSAL_LM"}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.fixture(scope="module")

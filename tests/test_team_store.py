@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from independent import make_numpy_lora as make_adapter
+from safetensors.numpy import load_file
 
 from registry import Registry
 from registry.errors import BlobStoreError, ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.v_proj")
 PREFIX = "team/blobs"
 # Store behaviour the catalog backend does not change: SQLite only (each PostgreSQL catalog is a database to drop).
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -179,21 +179,6 @@ def blob_key(digest: str) -> str:
 
 
 # --- adapters -------------------------------------------------------------------------------------
-
-
-def make_adapter(folder: Path, seed: int, r: int = 4, hidden: int = 16) -> Path:
-    """A small valid LoRA adapter folder (config + safetensors), values from ``seed``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in LAYERS:
-        tensors[f"{layer}.lora_A.weight"] = (rng.standard_normal((r, hidden)) * 0.3).astype(np.float32)
-        tensors[f"{layer}.lora_B.weight"] = (rng.standard_normal((hidden, r)) * 0.3).astype(np.float32)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-              "base_model_name_or_path": "tiny-org/tiny-llama", "task_type": "CAUSAL_LM"}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
 
 
 def assert_same_tensors(exported: Path, source: Path) -> None:
