@@ -15,7 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+# The demo never needs the network: PEFT's save_pretrained would otherwise try to fetch the
+# made-up base model's config from the Hub and print a warning.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "demo-registry"
