@@ -59,8 +59,8 @@ def with_registry(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def echo_json(value: Any) -> None:
     """Print a pydantic model, or a list of them, as JSON."""
-    if isinstance(value, list):
-        click.echo(json.dumps([item.model_dump(mode="json") for item in value], indent=2))
+    if isinstance(value, list):  # each item through pydantic's serializer, like a single model
+        click.echo(json.dumps([json.loads(item.model_dump_json()) for item in value], indent=2))
     else:
         click.echo(value.model_dump_json(indent=2))
 
@@ -459,7 +459,8 @@ def base_add(registry: Any, base_model: str, config_path: str | None, endpoint: 
         echo_json(info)
     else:
         structure = f"{info.adaptable_modules} adaptable modules" if info.structure_known else "structure unknown"
-        click.echo(f"recorded {info.model_id}{'@' + info.revision if info.revision else ''}: {info.architecture}, {structure}")
+        click.echo(f"recorded {info.model_id}{'@' + info.revision if info.revision else ''}: "
+                   f"{info.architecture or 'architecture unknown (config.json names none)'}, {structure}")
 
 
 @base.command("list")

@@ -137,7 +137,11 @@ def pattern_value(patterns: dict[str, Any], layer: str, default: Any) -> Any:
     of the module name (``(.*\\.)?KEY$``) wins."""
     key = module_key(layer)
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        try:
+            matched = re.match(rf"(.*\.)?({pattern})$", key)
+        except re.error as exc:
+            raise InvalidAdapterError(f"adapter_config.json: pattern {pattern!r} is not a valid regex ({exc})") from None
+        if matched:
             return value
     return default
 

@@ -200,6 +200,10 @@ class Catalog:
         metadata, digest, size). Every check runs before the blob is written."""
         config, header = read_adapter_folder(folder)
         config = dict(config)
+        for field_name in ("base_model_name_or_path", "revision", "task_type"):
+            value = config.get(field_name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidAdapterError(f"adapter_config.json: {field_name} must be a string, got {value!r}")
         if base_model is not None:
             config["base_model_name_or_path"] = base_model
         if base_revision is not None:
@@ -438,14 +442,20 @@ class Catalog:
             module = self._resolve(session, ref)
             config, digest = module.config, module.digest
         blob = self.store.local_path(digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".pem-export-", dir=target.parent))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".pem-export-", dir=target.parent))
+        except OSError as exc:
+            raise PemError(f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write") from None
         try:
             (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             shutil.copyfile(blob, staging / WEIGHTS_FILE)
             if target.exists():
                 target.rmdir()
             os.replace(staging, target)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise PemError(f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write") from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

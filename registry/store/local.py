@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -38,9 +39,11 @@ class LocalBlobWriter(BlobWriter):
         self._file.close()
         faults.point("blob-written")
         final = self._store.blob_path(digest)
-        if final.exists():
-            self._tmp_path.unlink()
-        else:
+        if final.is_file() and final.stat().st_size == self.sink.bytes_written:
+            self._tmp_path.unlink()  # content addressing: the same bytes are already stored
+        else:  # absent, or damaged (not a file, wrong size): the verified new copy replaces it
+            if final.is_dir():
+                shutil.rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(self._tmp_path, 0o444)  # blobs are immutable
             os.replace(self._tmp_path, final)
@@ -95,5 +98,8 @@ class LocalBlobStore(BlobStore):
         if not base.is_dir():
             return
         for fan in sorted(base.iterdir()):
+            if not fan.is_dir() or len(fan.name) != 2:
+                continue  # not ours: gc and verify look only at blobs
             for blob in sorted(fan.iterdir()):
-                yield fan.name + blob.name
+                if len(blob.name) == 62:
+                    yield fan.name + blob.name

@@ -28,7 +28,10 @@ def _is_feedforward(config: dict[str, Any], layer: str) -> bool:
     patterns = config.get("feedforward_modules") or []
     key = module_key(layer)
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, key) is not None
+        try:
+            return re.fullmatch(patterns, key) is not None
+        except re.error as exc:
+            raise InvalidAdapterError(f"adapter_config.json: feedforward_modules is not a valid regex ({exc})") from None
     return any(key == p or key.endswith("." + p) for p in patterns)
 
 

@@ -44,6 +44,10 @@ _UNSUPPORTED_FLAGS = {
 }
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
@@ -68,8 +72,8 @@ class LoraType(AdapterType):
         require_float(header)
         r = positive_int(config, "r")
         alpha = config.get("lora_alpha", 8)
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise InvalidAdapterError(f"adapter_config.json: lora_alpha must be a number, got {alpha!r}")
+        if not _finite_number(alpha):
+            raise InvalidAdapterError(f"adapter_config.json: lora_alpha must be a finite number, got {alpha!r}")
         use_rslora = bool(config.get("use_rslora", False))
         rank_pattern = config.get("rank_pattern") or {}
         alpha_pattern = config.get("alpha_pattern") or {}
@@ -132,7 +136,10 @@ class LoraType(AdapterType):
                 f"config and tensors disagree: adapter_config.json says rank {expected_rank} for layer {layer!r} "
                 f"but its tensors have rank {a_shape[0]}"
             )
-        layer_alpha = float(pattern_value(alpha_pattern, layer, alpha))
+        layer_alpha = pattern_value(alpha_pattern, layer, alpha)
+        if not _finite_number(layer_alpha):
+            raise InvalidAdapterError(f"adapter_config.json: alpha_pattern gives {layer_alpha!r} for layer {layer!r}")
+        layer_alpha = float(layer_alpha)
         return {
             "params": {p: list(header.tensors[n].shape) for p, n in sorted(params.items())},
             "rank": expected_rank,
