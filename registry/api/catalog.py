@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -490,8 +490,21 @@ class Catalog:
             if orphan:
                 session.delete(session.get(Blob, digest))
         if orphan:  # after the commit: a crash here leaves a stray file, never a dangling row
-            self.store.delete(digest)
+            with self._blob_lock() as session:
+                # A concurrent add of the same content may have registered it meanwhile.
+                if session.scalar(select(func.count()).where(Module.digest == digest)) == 0:
+                    self.store.delete(digest)
         return info
+
+    @contextmanager
+    def _blob_lock(self) -> Iterator[Session]:
+        """A write transaction in which no other writer can register a blob: deleting blob
+        files is safe inside it (SQLite: the database write lock; PostgreSQL: the blobs table
+        locked, so a writer's check that its blob exists waits until the deletion is done)."""
+        with self._write_session() as session:
+            if self.engine.dialect.name == "postgresql":
+                session.execute(text("LOCK TABLE blobs IN ACCESS EXCLUSIVE MODE"))
+            yield session
 
 
 # --- reading adapter folders ------------------------------------------------------------------

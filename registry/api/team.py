@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from registry.api.common import (
@@ -186,9 +186,7 @@ class Team:
         ``grace_seconds`` (a writer stores its blob before committing its row: a recent
         unreferenced blob may be about to be registered). ``dry_run`` only lists them."""
         now = time.time()
-        with self._write_session() as session:
-            if self.engine.dialect.name == "postgresql":  # writers wait while blobs are collected
-                session.execute(text("LOCK TABLE blobs IN ACCESS EXCLUSIVE MODE"))
+        with self._blob_lock() as session:  # writers wait while blobs are collected
             referenced = set(session.scalars(select(Module.digest).distinct()))
             blobs = [d for d in self.store.digests() if d not in referenced and now - self.store.modified_at(d) >= grace_seconds]
             stale_rows = list(session.scalars(select(Blob.digest).where(Blob.digest.not_in(select(Module.digest)))))
