@@ -389,7 +389,8 @@ def descendants(registry: Any, ref: str, as_json: bool) -> None:
         click.echo(f"nothing was derived from {registry.resolve(ref).ref}")
     else:
         for item in found:
-            click.echo(f"{item.ref}  ({item.kind}, depth {item.depth})  via {' > '.join(item.path)}")
+            published = f"  published: {', '.join(item.published)}" if item.published else ""
+            click.echo(f"{item.ref}  ({item.kind}, depth {item.depth})  via {' > '.join(item.path)}{published}")
 
 
 @pem.command()

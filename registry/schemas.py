@@ -159,6 +159,7 @@ class Descendant(BaseModel):
     kind: Kind
     depth: int
     path: list[str] = Field(description="refs from the queried module to this one (a shortest path)")
+    published: list[str] = Field(default_factory=list, description="where it was pushed: REPO@BRANCH:COMMIT")
 
 
 class ContentTerm(BaseModel):

@@ -11,6 +11,7 @@ from registry import lineage as lineage_queries
 from registry.db.models import (
     Derivation,
     DerivationInput,
+    HubLink,
     Module,
 )
 from registry.schemas import (
@@ -70,9 +71,16 @@ class ProvenanceQueries:
             edges = lineage_queries.edges_into(session, ids)
             paths = lineage_queries.shortest_paths(root.id, edges)
             ref_of = {i: node.ref for i, node in modules.items()}
+            published: dict[int, list[str]] = {}
+            for link in session.scalars(
+                select(HubLink).where(HubLink.direction == "push", HubLink.module_id.in_(select(ids.c.id)))
+                .order_by(HubLink.id)
+            ):
+                published.setdefault(link.module_id, []).append(f"{link.repo_id}@{link.revision}:{link.commit[:12]}")
             found = [
                 Descendant.model_construct(
-                    ref=ref_of[i], kind=modules[i].kind, depth=len(p) - 1, path=[ref_of[n] for n in p]
+                    ref=ref_of[i], kind=modules[i].kind, depth=len(p) - 1, path=[ref_of[n] for n in p],
+                    published=published.get(i, []),
                 )
                 for i, p in paths.items() if i != root.id
             ]
