@@ -127,6 +127,11 @@ def split_tensor_names(header: SafetensorsHeader, suffixes: dict[str, str]) -> t
     return layers, extras
 
 
+def extras_note(extras: list[str]) -> str:
+    """How tensors of no known parameter are named in ``unsupported``."""
+    return f"extra tensors ({', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''})"
+
+
 def module_key(layer: str) -> str:
     """The layer's module name inside the base model, the key PEFT's patterns match against."""
     return layer[len(PEFT_PREFIX):] if layer.startswith(PEFT_PREFIX) else layer

@@ -12,15 +12,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from registry.safetensors_io import HashingWriter
 
 
 class BlobWriter(ABC):
-    """A blob being written. Use as a context manager: leaving it without commit discards it."""
+    """A blob being written to a local temporary file, hashed on the way. Use as a context
+    manager: leaving it without commit discards it."""
 
-    sink: HashingWriter
+    def __init__(self, tmp_path: Path, file: BinaryIO):
+        self._tmp_path = tmp_path
+        self._file = file
+        self.sink = HashingWriter(file)
+        self._done = False
 
     def write(self, data: bytes | memoryview) -> None:
         self.sink.write(data)
@@ -30,9 +35,13 @@ class BlobWriter(ABC):
         """Make the blob durable under its digest and return the digest. If a blob with the
         same digest already exists, the new copy is discarded (content addressing)."""
 
-    @abstractmethod
     def abort(self) -> None:
-        """Discard what was written."""
+        """Discard what was written (a no-op after commit)."""
+        if self._done:
+            return
+        self._done = True
+        self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "BlobWriter":
         return self

@@ -10,7 +10,6 @@ from typing import Iterator
 
 from registry import faults
 from registry.errors import BlobStoreError
-from registry.safetensors_io import HashingWriter
 from registry.store.base import BlobStore, BlobWriter
 
 
@@ -27,10 +26,7 @@ class LocalBlobWriter(BlobWriter):
         self._store = store
         store.tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="incoming-")
-        self._tmp_path = Path(name)
-        self._file = os.fdopen(fd, "wb")
-        self.sink = HashingWriter(self._file)
-        self._done = False
+        super().__init__(Path(name), os.fdopen(fd, "wb"))
 
     def commit(self) -> str:
         digest = self.sink.hexdigest()
@@ -51,13 +47,6 @@ class LocalBlobWriter(BlobWriter):
         self._done = True
         faults.point("blob-stored")
         return digest
-
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._file.close()
-        self._tmp_path.unlink(missing_ok=True)
 
 
 class LocalBlobStore(BlobStore):

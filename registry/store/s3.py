@@ -64,10 +64,8 @@ def _code(exc: Any) -> str:
 class S3BlobWriter(BlobWriter):
     def __init__(self, store: "S3BlobStore"):
         self._store = store
-        self._tmp_path = store.cache.new_temporary("incoming-")
-        self._file = open(self._tmp_path, "wb")
-        self.sink = HashingWriter(self._file)
-        self._done = False
+        tmp_path = store.cache.new_temporary("incoming-")
+        super().__init__(tmp_path, open(tmp_path, "wb"))
 
     def commit(self) -> str:
         digest = self.sink.hexdigest()
@@ -81,13 +79,6 @@ class S3BlobWriter(BlobWriter):
             self._tmp_path.unlink(missing_ok=True)
         faults.point("blob-stored")
         return digest
-
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._file.close()
-        self._tmp_path.unlink(missing_ok=True)
 
 
 class S3BlobStore(BlobStore):

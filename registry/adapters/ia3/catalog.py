@@ -11,6 +11,7 @@ from registry.adapters.base import (
     AdapterType,
     TypePlan,
     common_dtype,
+    extras_note,
     module_key,
     require_float,
     split_tensor_names,
@@ -57,7 +58,7 @@ class IA3Type(AdapterType):
             layers[layer] = {"params": {"ia3_l": shape}, "feedforward": _is_feedforward(config, layer)}
         unsupported = ["modules_to_save"] if config.get("modules_to_save") else []
         if extras:
-            unsupported.append(f"extra tensors ({', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''})")
+            unsupported.append(extras_note(extras))
         return AdapterMetadata(
             peft_type=self.peft_type,
             composable=True,

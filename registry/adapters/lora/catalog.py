@@ -15,6 +15,7 @@ from registry.adapters.base import (
     AdapterType,
     TypePlan,
     common_dtype,
+    extras_note,
     pattern_value,
     positive_int,
     require_float,
@@ -88,7 +89,7 @@ class LoraType(AdapterType):
             if "lora_embedding_A" in params:
                 unsupported.append("embedding LoRA layers")
         if extras:
-            unsupported.append(f"extra tensors ({', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''})")
+            unsupported.append(extras_note(extras))
         return AdapterMetadata(
             peft_type=self.peft_type,
             composable=True,
