@@ -82,3 +82,12 @@ def test_re_adding_the_content_repairs_a_damaged_blob(registry, home, tmp_path, 
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == info.digest
     assert registry.verify().ok
     shutil.rmtree(tmp_path / "a")
+
+
+def test_a_single_input_scaled_beyond_the_float_range_is_reported_not_raised(registry, tmp_path):
+    """--(team/a / 1e-300) with `module`: the effect a*b = 1e600 cannot be a float; check
+    reports it in a note instead of failing with OverflowError."""
+    registry.add(make_numpy_lora(tmp_path / "a", seed=1), "team/a")
+    report = registry.check("-(-(team/a / 1e-300))")
+    assert report.terms[0].b == 1e300
+    assert any("beyond the float range" in note for note in report.notes)

@@ -51,10 +51,18 @@ def plan_output(inputs: list[Any], method: str, parameters: dict[str, Any], dtyp
             if effect != i.b and len(inputs) == 1:
                 notes.append(
                     f"method 'module' puts the coefficient on both A and B: the effect of {i.ref} is scaled by "
-                    f"{float(effect):g}, not {float(i.b):g}; use --method exact for an effect linear in the coefficient"
+                    f"{_number(effect)}, not {_number(i.b)}; use --method exact for an effect linear in the coefficient"
                 )
     config = output_config(inputs, ranks)
     return TypePlan(layers=layers, tensors=tensors, config=config, parameters=resolved, notes=notes)
+
+
+def _number(value: Any) -> str:
+    """A coefficient for a message; exact fractions can exceed the float range."""
+    try:
+        return f"{float(value):g}"
+    except OverflowError:
+        return "a number beyond the float range"
 
 
 def output_config(inputs: list[Any], ranks: dict[str, int]) -> dict[str, Any]:
