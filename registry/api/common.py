@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,7 @@ def read_adapter_folder(folder: Path) -> tuple[dict[str, Any], SafetensorsHeader
         raise InvalidAdapterError(f"{folder} is not a folder: pass a PEFT adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
+        _require_regular_file(config_path)
         raise InvalidAdapterError(f"{folder} has no {CONFIG_FILE}: is it a PEFT adapter folder?")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -95,6 +98,7 @@ def read_adapter_folder(folder: Path) -> tuple[dict[str, Any], SafetensorsHeader
         raise InvalidAdapterError(f"{config_path} has no peft_type: is it a PEFT adapter config?")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
+        _require_regular_file(weights)
         pickles = [p for p in PICKLE_FILES if (folder / p).is_file()]
         if pickles:
             raise UnsafeFormatError(
@@ -103,6 +107,25 @@ def read_adapter_folder(folder: Path) -> tuple[dict[str, Any], SafetensorsHeader
             )
         raise InvalidAdapterError(f"{folder} has no {WEIGHTS_FILE}")
     return config, read_header(weights)
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _require_regular_file(path: Path) -> None:
+    """Refuse, by what it is, a path that exists but is not a regular file (a FIFO, a device,
+    a folder, a dangling symlink); return when there is nothing at all. Nothing is opened: a
+    FIFO would block and a device such as /dev/zero never ends."""
+    if not os.path.lexists(path):
+        return
+    target = f" (a symlink to {os.readlink(path)})" if path.is_symlink() else ""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:  # a dangling symlink, or a loop of them
+        raise InvalidAdapterError(f"{path}{target} cannot be read: {exc.strerror}; it must be a regular file") from None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    raise InvalidAdapterError(f"{path}{target} is {kind}, not a regular file: replace it with the file itself")
 
 
 def file_sha256(path: Path) -> str:
