@@ -532,7 +532,8 @@ def base_add(registry: Any, base_model: str, config_path: str | None, endpoint: 
     if as_json:
         echo_json(info)
     else:
-        structure = f"{info.adaptable_modules} adaptable modules" if info.structure_known else "structure unknown"
+        structure = (f"{info.adaptable_modules} adaptable modules" if info.structure_known
+                     else f"structure unknown: {info.structure_unknown_reason}")
         click.echo(f"recorded {info.model_id}{'@' + info.revision if info.revision else ''}: "
                    f"{info.architecture or 'architecture unknown (config.json names none)'}, {structure}")
 

@@ -210,6 +210,8 @@ class BaseModelInfo(BaseModel):
     model_type: str | None
     dimensions: dict[str, Any]
     structure_known: bool = Field(description="adaptable modules known (built on the meta device)")
+    structure_unknown_reason: str | None = Field(
+        default=None, description="why the structure is unknown, and the fix (set by `pem base add`)")
     adaptable_modules: int
     adapters: int = Field(description="registered modules whose base model is this one")
     created_at: datetime
