@@ -29,6 +29,7 @@ from registry.errors import (
 )
 from registry.refs import (
     ModuleName,
+    too_long,
 )
 from registry.safetensors_io import SafetensorsHeader, read_header
 from registry.schemas import (
@@ -41,6 +42,7 @@ from registry.schemas import (
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
+MAX_TAG_KEY = 128
 TAG_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 VERSION_RETRIES = 10
 GC_GRACE_SECONDS = 3600.0  # unreferenced blobs younger than this may belong to a writer in flight  # concurrent registrations of one name race for the next version
@@ -49,6 +51,7 @@ GC_GRACE_SECONDS = 3600.0  # unreferenced blobs younger than this may belong to 
 def parse_tag(text: str) -> tuple[str, str]:
     """``KEY=VALUE`` -> (key, value)."""
     key, sep, value = text.partition("=")
+    _check_tag_key_length(key)
     if not sep or not TAG_KEY_RE.fullmatch(key):
         raise InvalidNameError(f"invalid tag {text!r}: use KEY=VALUE, KEY of letters, digits, '_', '.', ':', '-'")
     return key, value
@@ -66,10 +69,16 @@ def check_lengths(**values: str | None) -> None:
             raise InvalidNameError(f"{field.replace('_', ' ')} is {len(value)} characters long; the limit is {limit}")
 
 
+def _check_tag_key_length(key: str) -> None:
+    if len(key) > MAX_TAG_KEY and re.fullmatch(r"[A-Za-z0-9_.:-]+", key):
+        raise too_long("tag key", key, MAX_TAG_KEY)
+
+
 def parse_tags(tags: dict[str, str] | None) -> list[tuple[str, str]]:
     """Validate tags given as a mapping; sorted pairs."""
     pairs = []
     for key, value in (tags or {}).items():
+        _check_tag_key_length(key)
         if not TAG_KEY_RE.fullmatch(key):
             raise InvalidNameError(f"invalid tag key {key!r}: use letters, digits, '_', '.', ':', '-'")
         if len(str(value)) > MAX_TAG_VALUE:
