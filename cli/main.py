@@ -681,6 +681,9 @@ def gc(registry: Any, dry_run: bool, grace: float, as_json: bool) -> None:
     for path in report.temporary_files:
         click.echo(f"{verb} partial write {path}")
     click.echo(f"{len(report.blobs)} blobs, {len(report.temporary_files)} partial writes, {human_size(report.bytes_freed)}")
+    if report.kept_temporary_files:
+        click.echo(f"kept {report.kept_temporary_files} partial writes ({human_size(report.kept_temporary_bytes)}) younger "
+                   f"than the grace period ({grace:g} s): writers may still be running")
 
 
 # --- the read cache of a remote store -----------------------------------------------------------
@@ -813,7 +816,8 @@ def history(registry: Any, ref: str, as_json: bool) -> None:
 @endpoint_option
 @json_option
 def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
-    """Check the database, the blob store, the cache and the Hub endpoint; exit 1 on a problem."""
+    """Check the database, the blob store, the cache and the Hub endpoint; exit 1 on any FAIL
+    (an unreachable Hub is a WARN: only pull, push and sync need it)."""
     from registry import Registry
 
     checks = Registry.doctor(home, endpoint=endpoint)
@@ -821,8 +825,8 @@ def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
         echo_json(checks)
     else:
         for c in checks:
-            click.echo(f"{'ok' if c.ok else 'FAIL':<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
-    if not all(c.ok for c in checks if c.name != "hub"):  # the Hub is optional: only pull, push and sync need it
+            click.echo(f"{'ok' if c.ok else c.status.upper():<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
+    if any(c.status == "fail" for c in checks):  # a warning (no Hub) does not fail doctor
         sys.exit(1)
 
 
