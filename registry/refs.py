@@ -68,7 +68,7 @@ def shorten(text: str, limit: int = 40) -> str:
 
 
 def too_long(kind: str, text: str, limit: int) -> InvalidNameError:
-    return InvalidNameError(f"{kind} {shorten(text)!r} is {len(text)} characters long; the limit is {limit}")
+    return InvalidNameError(f"invalid {kind} {shorten(text)!r}: it is {len(text)} characters long; the limit is {limit}")
 
 
 def _check_length(text: str) -> None:
