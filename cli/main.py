@@ -32,7 +32,11 @@ class PemCommand(click.Command):
         options = args[: args.index("--")] if "--" in args else args
         if "--json" in options and any(p.name == "as_json" for p in self.params):
             ctx.meta[JSON_ERRORS] = True
-        return super().parse_args(ctx, args)
+        return super().parse_args(ctx, self.arrange_args(ctx, args))
+
+    def arrange_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """The arguments as click should parse them (subclasses reorder them)."""
+        return args
 
 
 # What an option name looks like: an argument that starts with '-' but does not (`-0.5*team/x`,
@@ -47,10 +51,7 @@ class ExpressionCommand(PemCommand):
     their values, and arguments that look like option names (an unknown ``--nope`` stays an
     error) are parsed as usual."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, self._negative_expressions_last(ctx, args))
-
-    def _negative_expressions_last(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def arrange_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         takes_value = {
             name for p in self.get_params(ctx) if isinstance(p, click.Option) and not p.is_flag and not p.count
             for name in p.opts
@@ -60,8 +61,11 @@ class ExpressionCommand(PemCommand):
         for arg in rest:
             if arg == "--":
                 positional.extend(rest)
-            elif arg in takes_value:
-                options += [arg, *[value for value in [next(rest, None)] if value is not None]]
+            elif arg in takes_value:  # and its value, even one that starts with '-'
+                value = next(rest, None)
+                if value is None:
+                    raise click.BadOptionUsage(arg, f"Option '{arg}' requires an argument.", ctx)
+                options += [arg, value]
             elif arg.startswith("-") and len(arg) > 1 and not _OPTION_NAME.fullmatch(arg):
                 positional.append(arg)
                 moved = True

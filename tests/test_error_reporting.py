@@ -192,7 +192,10 @@ def test_unknown_options_next_to_a_negative_expression_are_still_errors(toxic, r
         result = run_pem(*args)
         assert result.exit_code == 2 and "No such option" in result.stderr, (args, result.output)
     missing = run_pem("compose", "-team/toxic")
-    assert missing.exit_code == 2 and "--name" in missing.stderr
+    assert missing.exit_code == 2 and "Missing option '--name'" in missing.stderr
+    dangling = run_pem("compose", "-team/toxic", "--name")
+    assert dangling.exit_code == 2 and "Option '--name' requires an argument" in dangling.stderr
+    assert json_error(run_pem("compose", "-team/toxic", "--json", "--name"), 2)["type"] == "UsageError"
 
 
 # --- item 6: --home before the command -------------------------------------------------------
