@@ -114,7 +114,7 @@ LORA_FIELDS = [
     ("layer_replication", {"0": 1}, "must be a list, got {'0': 1}"),
 ]
 IA3_FIELDS = [
-    ("feedforward_modules", 5, "must be a list of strings, got 5"),
+    ("feedforward_modules", 5, "must be a regex string or a list of strings, got 5"),
     ("feedforward_modules", ["down_proj", 1], "got ['down_proj', 1]"),
     ("fan_in_fan_out", "false", "must be true or false, got 'false'"),
     ("modules_to_save", {"lm_head": True}, "got {'lm_head': True}"),

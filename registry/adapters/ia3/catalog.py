@@ -11,6 +11,7 @@ from registry.adapters.base import (
     AdapterType,
     TypePlan,
     common_dtype,
+    config_error,
     config_flag,
     config_string_list,
     extras_note,
@@ -28,9 +29,11 @@ TENSOR_SUFFIXES = {".ia3_l": "ia3_l"}
 
 def _is_feedforward(config: dict[str, Any], layer: str) -> bool:
     """PEFT's rule: a regex string must match the whole module name; a list matches by suffix."""
-    patterns = config.get("feedforward_modules") or []
-    if not isinstance(patterns, str):
-        patterns = config_string_list(config, "feedforward_modules")
+    patterns = config.get("feedforward_modules")
+    if patterns is None:
+        patterns = []
+    elif not isinstance(patterns, str) and not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+        raise config_error("feedforward_modules", "a regex string or a list of strings", patterns)
     key = module_key(layer)
     if isinstance(patterns, str):
         try:
