@@ -10,30 +10,106 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from typing import Any, Callable, Iterable
 
 import click
 
-from registry.errors import PemError
+from registry.errors import PemError, error_document
 
 HOME_HELP = "Registry home folder (default: $PEM_HOME, else ~/.pem)."
 
 
+JSON_ERRORS = "pem.json_errors"  # ctx.meta key: the command was given --json
+
+
+class PemCommand(click.Command):
+    """A command that notes when it was given --json, so that its errors print as JSON."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # Noted before parsing: a usage error (a bad option) is raised before any callback runs.
+        options = args[: args.index("--")] if "--" in args else args
+        if "--json" in options and any(p.name == "as_json" for p in self.params):
+            ctx.meta[JSON_ERRORS] = True
+        return super().parse_args(ctx, self.arrange_args(ctx, args))
+
+    def arrange_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """The arguments as click should parse them (subclasses reorder them)."""
+        return args
+
+
+# What an option name looks like: an argument that starts with '-' but does not (`-0.5*team/x`,
+# `-team/x`) is an expression, never an option.
+_OPTION_NAME = re.compile(r"--?[A-Za-z][A-Za-z0-9_-]*(=.*)?", re.DOTALL)
+
+
+class ExpressionCommand(PemCommand):
+    """A command whose EXPRESSION may begin with a minus, as negation does (`pem check "-team/x"`).
+
+    Such an argument is moved behind ``--``, where click reads it as the expression. Options,
+    their values, and arguments that look like option names (an unknown ``--nope`` stays an
+    error) are parsed as usual."""
+
+    def arrange_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value = {
+            name for p in self.get_params(ctx) if isinstance(p, click.Option) and not p.is_flag and not p.count
+            for name in p.opts
+        }
+        options, positional, moved = [], [], False
+        rest = iter(args)
+        for arg in rest:
+            if arg == "--":
+                positional.extend(rest)
+            elif arg in takes_value:  # and its value, even one that starts with '-'
+                value = next(rest, None)
+                if value is None:
+                    raise click.BadOptionUsage(arg, f"Option '{arg}' requires an argument.", ctx)
+                options += [arg, value]
+            elif arg.startswith("-") and len(arg) > 1 and not _OPTION_NAME.fullmatch(arg):
+                positional.append(arg)
+                moved = True
+            elif arg.startswith("-"):
+                options.append(arg)
+            else:
+                positional.append(arg)
+        return [*options, "--", *positional] if moved else args
+
+
 class PemGroup(click.Group):
-    """Turns PemError into ``error: <message>`` on stderr and the error's exit code."""
+    """Turns PemError into ``error: <message>`` on stderr and the error's exit code; with
+    --json, errors (usage errors too) print as a JSON object on stdout instead."""
+
+    command_class = PemCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PemError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(ctx, type(exc).__name__, str(exc), exc.exit_code)
+        except click.UsageError as exc:
+            if not ctx.meta.get(JSON_ERRORS):
+                raise  # click prints the usage and the error
+            _fail(ctx, "UsageError", exc.format_message(), exc.exit_code)
+
+
+def _fail(ctx: click.Context, type_name: str, message: str, exit_code: int) -> None:
+    if ctx.meta.get(JSON_ERRORS):
+        click.echo(json.dumps(error_document(type_name, message)))
+    else:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(exit_code)
+
+
+def _group_home(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--home after the command wins; else the one before it (`pem --home DIR list`)."""
+    return value if value is not None else ctx.find_root().params.get("home")
 
 
 def home_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Every command takes --home (it also reads PEM_HOME)."""
-    return click.option("--home", type=click.Path(file_okay=False), default=None, help=HOME_HELP)(fn)
+    return click.option("--home", type=click.Path(file_okay=False), default=None, help=HOME_HELP,
+                        callback=_group_home)(fn)
 
 
 def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -82,8 +158,9 @@ def human_size(n: int) -> str:
 
 
 @click.group(cls=PemGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False), default=None, help=HOME_HELP + " Also after the command.")
 @click.version_option(package_name="pem-registry", prog_name="pem")
-def pem() -> None:
+def pem(home: str | None) -> None:
     """pem-registry: keep, compose and publish parameter-efficient modules (PEFT adapters)."""
 
 
@@ -275,7 +352,7 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-@pem.command()
+@pem.command(cls=ExpressionCommand)
 @click.argument("expression")
 @composition_options
 @click.option("--deviation", is_flag=True, help="Read the tensors and measure the module method's error (LoRA).")
@@ -315,7 +392,7 @@ def _print_report(report: Any) -> None:
             click.echo(f"  - {violation}")
 
 
-@pem.command()
+@pem.command(cls=ExpressionCommand)
 @click.argument("expression")
 @click.option("--name", required=True, help="NS/NAME of the new module.")
 @composition_options
@@ -459,7 +536,8 @@ def base_add(registry: Any, base_model: str, config_path: str | None, endpoint: 
     if as_json:
         echo_json(info)
     else:
-        structure = f"{info.adaptable_modules} adaptable modules" if info.structure_known else "structure unknown"
+        structure = (f"{info.adaptable_modules} adaptable modules" if info.structure_known
+                     else f"structure unknown: {info.structure_unknown_reason}")
         click.echo(f"recorded {info.model_id}{'@' + info.revision if info.revision else ''}: "
                    f"{info.architecture or 'architecture unknown (config.json names none)'}, {structure}")
 
@@ -607,6 +685,9 @@ def gc(registry: Any, dry_run: bool, grace: float, as_json: bool) -> None:
     for path in report.temporary_files:
         click.echo(f"{verb} partial write {path}")
     click.echo(f"{len(report.blobs)} blobs, {len(report.temporary_files)} partial writes, {human_size(report.bytes_freed)}")
+    if report.kept_temporary_files:
+        click.echo(f"kept {report.kept_temporary_files} partial writes ({human_size(report.kept_temporary_bytes)}) younger "
+                   f"than the grace period ({grace:g} s): writers may still be running")
 
 
 # --- the read cache of a remote store -----------------------------------------------------------
@@ -739,7 +820,8 @@ def history(registry: Any, ref: str, as_json: bool) -> None:
 @endpoint_option
 @json_option
 def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
-    """Check the database, the blob store, the cache and the Hub endpoint; exit 1 on a problem."""
+    """Check the database, the blob store, the cache and the Hub endpoint; exit 1 on any FAIL
+    (an unreachable Hub is a WARN: only pull, push and sync need it)."""
     from registry import Registry
 
     checks = Registry.doctor(home, endpoint=endpoint)
@@ -747,8 +829,8 @@ def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
         echo_json(checks)
     else:
         for c in checks:
-            click.echo(f"{'ok' if c.ok else 'FAIL':<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
-    if not all(c.ok for c in checks if c.name != "hub"):  # the Hub is optional: only pull, push and sync need it
+            click.echo(f"{'ok' if c.ok else c.status.upper():<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
+    if any(c.status == "fail" for c in checks):  # a warning (no Hub) does not fail doctor
         sys.exit(1)
 
 

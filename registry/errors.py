@@ -115,3 +115,20 @@ class HubError(PemError):
 class BlobStoreError(PemError):
     """The blob store is missing a blob, or a blob does not match its digest."""
 
+
+
+# --- how errors are shown as JSON --------------------------------------------------------------
+
+
+def error_document(type_name: str, message: str) -> dict[str, dict[str, str]]:
+    """The JSON form of an error (``pem ... --json``): ``{"error": {"type", "message"}}``.
+
+    ``type`` is the PemError subclass name (``UsageError`` for a command-line mistake);
+    ``message`` is the first line of the message. A multi-line message (an expression error
+    with its caret lines) keeps the other lines in ``detail``.
+    """
+    first, _, rest = message.strip().partition("\n")
+    error = {"type": type_name, "message": first}
+    if rest:
+        error["detail"] = rest
+    return {"error": error}

@@ -21,6 +21,8 @@ DIMENSION_KEYS = (
     "vocab_size", "d_model", "d_ff", "d_kv", "num_layers", "num_heads", "n_embd", "n_layer", "n_head",
 )
 
+MAX_DIMENSION = 2**31 - 1  # as for tensors (safetensors_io): no real model has a larger dimension
+
 SAME_BASE, COMPATIBLE, INCOMPATIBLE, UNKNOWN = "same-base", "compatible", "incompatible", "unknown"
 
 
@@ -53,42 +55,58 @@ def _transformers_available() -> bool:
     return True
 
 
-def unknown_reason(config: dict[str, Any]) -> str:
-    """Why the structure of a host could not be built, and what fixes it."""
+def impossible_dimension(config: dict[str, Any]) -> str | None:
+    """The first dimension no model can have (``hidden_size -32``, ``2**40``), said in words."""
+    for key in DIMENSION_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 < value <= MAX_DIMENSION:
+            return f"{key} is {value}, which no model can have (a dimension is from 1 to {MAX_DIMENSION})"
+    return None
+
+
+def unknown_reason(config: dict[str, Any], build_error: str | None = None) -> str:
+    """Why the structure of a host could not be built, and what fixes it. ``build_error``: what
+    building the model raised, when that was the reason."""
     if not _transformers_available():
         return "transformers is not installed: pip install 'pem-registry[hosts]' and run `pem base add` again"
     name = architecture(config)
     if name is None:
         return "its config.json names no `architectures` (e.g. [\"LlamaForCausalLM\"]): add it and run `pem base add` again"
+    impossible = impossible_dimension(config)
+    if impossible:
+        return f"its config.json says {impossible}: fix it and run `pem base add` again"
     import transformers
 
+    error = f" ({build_error})" if build_error else ""
     return (
-        f"transformers {transformers.__version__} cannot build {name} (model_type {config.get('model_type')!r}): "
+        f"transformers {transformers.__version__} cannot build {name} (model_type {config.get('model_type')!r}){error}: "
         "upgrade transformers, or check the config"
     )
 
 
-def build_structure(config: dict[str, Any]) -> dict[str, list[int]] | None:
+def build_structure(config: dict[str, Any]) -> tuple[dict[str, list[int]] | None, str | None]:
     """Adaptable module name -> weight shape [out, in] (Linear, Conv1D) or [num, dim]
-    (Embedding), from the model built on the meta device. None when transformers is not
-    installed, or the config names no architecture it can build (a bare backbone would
-    name its modules differently from the model the adapters were trained on)."""
+    (Embedding), from the model built on the meta device; or None and the reason (see
+    :func:`unknown_reason`) when transformers is not installed, the config has an impossible
+    dimension, or names no architecture it can build (a bare backbone would name its modules
+    differently from the model the adapters were trained on)."""
     name = architecture(config)
-    if name is None or not _transformers_available():
-        return None
+    if name is None or not _transformers_available() or impossible_dimension(config):
+        return None, unknown_reason(config)
     import torch
     import transformers
     from transformers.pytorch_utils import Conv1D
 
     model_class = getattr(transformers, name, None)
     if model_class is None:
-        return None
+        return None, unknown_reason(config, f"it has no class {name}")
     try:
         model_config = transformers.AutoConfig.for_model(**config)
         with torch.device("meta"):
             model = model_class(model_config)
-    except Exception:  # an architecture this transformers cannot build: structure unknown
-        return None
+    except Exception as exc:  # an architecture this transformers cannot build: structure unknown
+        said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
+        return None, unknown_reason(config, f"{exc.__class__.__name__}: {said}")
     structure: dict[str, list[int]] = {}
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -97,7 +115,7 @@ def build_structure(config: dict[str, Any]) -> dict[str, list[int]] | None:
             structure[module_name] = [module.weight.shape[1], module.weight.shape[0]]
         elif isinstance(module, torch.nn.Embedding):
             structure[module_name] = [module.num_embeddings, module.embedding_dim]
-    return structure
+    return structure, None
 
 
 def lora_required_shape(params: dict[str, list[int]]) -> list[int] | None:

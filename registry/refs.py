@@ -21,8 +21,10 @@ from registry.errors import InvalidNameError
 
 # A name segment: letters, digits, '_', '.', '-', starting and ending with a letter or digit
 # (so that `a/b - c/d` never glues a trailing '-' onto a name), no '..' or '--' (the Hub
-# forbids them), at most 96 characters.
+# forbids them), at most MAX_SEGMENT (96) characters.
+MAX_SEGMENT = 96
 _SEGMENT = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?"
+_UNBOUNDED_SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?")
 _SELECTOR = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _DIGEST = r"sha256:[0-9a-fA-F]+"
 
@@ -60,6 +62,25 @@ class Reference:
         return self.text
 
 
+def shorten(text: str, limit: int = 40) -> str:
+    """``text`` cut for a message (a hostile name can be megabytes long)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def too_long(kind: str, text: str, limit: int) -> InvalidNameError:
+    return InvalidNameError(f"invalid {kind} {shorten(text)!r}: it is {len(text)} characters long; the limit is {limit}")
+
+
+def _check_length(text: str) -> None:
+    """When a name fails to parse only because a part is too long, say so (and the limit)."""
+    name = text.strip().partition("@")[0]
+    for segment in name.split("/"):
+        if len(segment) > MAX_SEGMENT and _UNBOUNDED_SEGMENT.fullmatch(segment):
+            kind = "namespace" if "/" in name and segment == name.split("/")[0] else "name"
+            raise InvalidNameError(f"invalid module name {shorten(name)!r}: its {kind} is {len(segment)} characters "
+                                   f"long; the limit is {MAX_SEGMENT}")
+
+
 def _check_segments(text: str, *segments: str) -> None:
     for segment in segments:
         if ".." in segment or "--" in segment:
@@ -70,6 +91,7 @@ def parse_module_name(text: str) -> ModuleName:
     """Parse ``NS/NAME`` (no version): the form an output or a new registration takes."""
     match = _NAME_RE.fullmatch(text.strip())
     if not match:
+        _check_length(text)
         raise InvalidNameError(f"invalid module name {text!r}: {NAME_HINT}, without '@version'")
     _check_segments(text, match.group(1), match.group(2))
     return ModuleName(match.group(1), match.group(2))
@@ -80,6 +102,7 @@ def parse_reference(text: str) -> Reference:
     stripped = text.strip()
     match = _REFERENCE_RE.fullmatch(stripped)
     if not match:
+        _check_length(stripped)
         raise InvalidNameError(
             f"invalid reference {text!r}: use NS/NAME, NS/NAME@VERSION or sha256:HEXPREFIX"
         )
@@ -124,11 +147,14 @@ def parse_base_reference(text: str) -> BaseReference:
     return BaseReference(model_id, revision or None)
 
 
+MAX_ALIAS = 64
 _ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 
 
 def parse_alias(text: str) -> str:
     """An alias label: starts with a letter (so it is never read as a version number)."""
+    if len(text) > MAX_ALIAS and re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", text):
+        raise too_long("alias", text, MAX_ALIAS)
     if not _ALIAS_RE.fullmatch(text) or ".." in text or "--" in text:
         raise InvalidNameError(f"invalid alias {text!r}: use a letter then letters, digits, '_', '.', '-' (e.g. prod)")
     return text

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -210,6 +210,8 @@ class BaseModelInfo(BaseModel):
     model_type: str | None
     dimensions: dict[str, Any]
     structure_known: bool = Field(description="adaptable modules known (built on the meta device)")
+    structure_unknown_reason: str | None = Field(
+        default=None, description="why the structure is unknown, and the fix (set by `pem base add`)")
     adaptable_modules: int
     adapters: int = Field(description="registered modules whose base model is this one")
     created_at: datetime
@@ -305,7 +307,9 @@ class GcReport(BaseModel):
     dry_run: bool
     blobs: list[str] = Field(description="digests of unreferenced blobs (deleted unless dry_run)")
     temporary_files: list[str] = Field(description="partial writes of crashed writers")
-    bytes_freed: int
+    bytes_freed: int = Field(description="bytes deleted (with dry_run: that would be deleted)")
+    kept_temporary_files: int = Field(default=0, description="partial writes younger than the grace period, kept")
+    kept_temporary_bytes: int = Field(default=0, description="their size in bytes")
 
 
 class AliasInfo(BaseModel):
@@ -333,9 +337,19 @@ class MetadataChange(BaseModel):
 
 
 class HealthCheck(BaseModel):
-    """One line of ``pem doctor``."""
+    """One line of ``pem doctor``. ``status`` ``fail`` makes doctor exit 1; ``warn`` is a
+    problem for some commands only (an unreachable Hub: pull, push, sync), and does not."""
 
     name: str
-    ok: bool
+    ok: bool = Field(description="the check passed (status ok)")
     detail: str
     fix: str | None
+    status: Literal["ok", "warn", "fail"] = Field(description="ok, warn, or fail (fail: doctor exits 1)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _status_from_ok(cls, data: Any) -> Any:
+        """A check built with ``ok`` alone fails when not ok."""
+        if isinstance(data, dict) and data.get("status") is None:
+            data = {**data, "status": "ok" if data.get("ok") else "fail"}
+        return data

@@ -449,9 +449,14 @@ def test_add_bad_folder(seeded, run_pem, registry, ad, home, tmp_path):
         folder = tmp_path / case
         shutil.copytree(ad.llama, folder)  # rank 4
         spoil(folder)
-        result = run_pem("add", folder, "--name", "team/new", "--json")
         try:
-            assert_clean_error(result, *needles)
+            line = assert_clean_error(run_pem("add", folder, "--name", "team/new"), *needles)
+            # with --json, the same error as a JSON object on stdout, nothing on stderr
+            result = run_pem("add", folder, "--name", "team/new", "--json")
+            assert result.exit_code == 1 and result.stderr == "", result.output
+            error = json.loads(result.stdout)["error"]
+            assert error["message"] == line.removeprefix("error: ")
+            assert error["type"] in {"InvalidAdapterError", "UnsafeFormatError"}, error
         except AssertionError as exc:
             raise AssertionError(f"case {case}: {exc}") from None
         assert snapshot(registry) == seeded, case
@@ -533,12 +538,16 @@ def test_commands_on_a_home_without_registry(ad, tmp_path, monkeypatch):
     monkeypatch.delenv("PEM_DATABASE_URL", raising=False)
     monkeypatch.delenv("PEM_STORE", raising=False)
     out = tmp_path / "out"
-    for args in (["list"], ["list", "--json"], ["show", "team/x"], ["rm", "team/x"], ["export", "team/x", out],
+    for args in (["list"], ["show", "team/x"], ["rm", "team/x"], ["export", "team/x", out],
                  ["add", ad.ia3, "--name", "team/x"]):
         result = CliRunner().invoke(pem, [str(a) for a in args], catch_exceptions=False)
         assert_clean_error(result, "pem init")
         assert not out.exists()
         assert not (empty / "blobs").exists()
+    result = CliRunner().invoke(pem, ["list", "--json"], catch_exceptions=False)
+    assert result.exit_code == 1 and result.stderr == ""
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "RegistryNotInitializedError" and "pem init" in error["message"]
 
 
 @pytest.mark.parametrize("fresh_database_url", ["postgresql"], indirect=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from registry.errors import InvalidAdapterError
 from registry.safetensors_io import FLOAT_DTYPES, SafetensorsHeader
@@ -161,3 +161,61 @@ def positive_int(config: dict[str, Any], field_name: str, limit: int = MAX_RANK)
             f"adapter_config.json: {field_name} must be an integer from 1 to {limit}, got {value!r}"
         )
     return value
+
+
+# --- typed reads of adapter_config.json ---------------------------------------------------------
+# Every field the registry reads is checked for its type first: a hostile or hand-edited
+# config is refused with the field's name, never read wrongly ("false" as true) or crashed on.
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def config_error(field_name: str, expected: str, value: Any) -> InvalidAdapterError:
+    return InvalidAdapterError(f"adapter_config.json: {field_name} must be {expected}, got {_shown(value)}")
+
+
+def config_flag(config: dict[str, Any], field_name: str) -> bool:
+    """A true/false field; absent or null is false."""
+    value = config.get(field_name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise config_error(field_name, "true or false", value)
+    return value
+
+
+def config_string_list(config: dict[str, Any], field_name: str) -> list[str]:
+    """A list of strings; absent or null is empty."""
+    value = config.get(field_name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise config_error(field_name, "a list of strings", value)
+    return value
+
+
+def config_mapping(config: dict[str, Any], field_name: str, valid: Callable[[Any], bool], each: str) -> dict[str, Any]:
+    """An object whose every value passes ``valid`` (``each`` says what a value must be);
+    absent or null is empty."""
+    value = config.get(field_name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise config_error(field_name, f"an object mapping module names to values (each {each})", value)
+    for key, item in value.items():
+        if not valid(item):
+            raise InvalidAdapterError(
+                f"adapter_config.json: {field_name} gives {_shown(item)} for {_shown(key)}; each value must be {each}"
+            )
+    return value
+
+
+def config_present(config: dict[str, Any], field_name: str, kinds: tuple[type, ...], expected: str) -> bool:
+    """Whether a field whose content the registry does not read (only that it is set) is set."""
+    value = config.get(field_name)
+    if value is not None and not isinstance(value, kinds):
+        raise config_error(field_name, expected, value)
+    return bool(value)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from registry.errors import (
 )
 from registry.refs import (
     ModuleName,
+    too_long,
 )
 from registry.safetensors_io import SafetensorsHeader, read_header
 from registry.schemas import (
@@ -39,6 +42,7 @@ from registry.schemas import (
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
+MAX_TAG_KEY = 128
 TAG_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 VERSION_RETRIES = 10
 GC_GRACE_SECONDS = 3600.0  # unreferenced blobs younger than this may belong to a writer in flight  # concurrent registrations of one name race for the next version
@@ -47,6 +51,7 @@ GC_GRACE_SECONDS = 3600.0  # unreferenced blobs younger than this may belong to 
 def parse_tag(text: str) -> tuple[str, str]:
     """``KEY=VALUE`` -> (key, value)."""
     key, sep, value = text.partition("=")
+    _check_tag_key_length(key)
     if not sep or not TAG_KEY_RE.fullmatch(key):
         raise InvalidNameError(f"invalid tag {text!r}: use KEY=VALUE, KEY of letters, digits, '_', '.', ':', '-'")
     return key, value
@@ -64,10 +69,16 @@ def check_lengths(**values: str | None) -> None:
             raise InvalidNameError(f"{field.replace('_', ' ')} is {len(value)} characters long; the limit is {limit}")
 
 
+def _check_tag_key_length(key: str) -> None:
+    if len(key) > MAX_TAG_KEY and re.fullmatch(r"[A-Za-z0-9_.:-]+", key):
+        raise too_long("tag key", key, MAX_TAG_KEY)
+
+
 def parse_tags(tags: dict[str, str] | None) -> list[tuple[str, str]]:
     """Validate tags given as a mapping; sorted pairs."""
     pairs = []
     for key, value in (tags or {}).items():
+        _check_tag_key_length(key)
         if not TAG_KEY_RE.fullmatch(key):
             raise InvalidNameError(f"invalid tag key {key!r}: use letters, digits, '_', '.', ':', '-'")
         if len(str(value)) > MAX_TAG_VALUE:
@@ -86,6 +97,7 @@ def read_adapter_folder(folder: Path) -> tuple[dict[str, Any], SafetensorsHeader
         raise InvalidAdapterError(f"{folder} is not a folder: pass a PEFT adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
+        _require_regular_file(config_path)
         raise InvalidAdapterError(f"{folder} has no {CONFIG_FILE}: is it a PEFT adapter folder?")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -95,6 +107,7 @@ def read_adapter_folder(folder: Path) -> tuple[dict[str, Any], SafetensorsHeader
         raise InvalidAdapterError(f"{config_path} has no peft_type: is it a PEFT adapter config?")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
+        _require_regular_file(weights)
         pickles = [p for p in PICKLE_FILES if (folder / p).is_file()]
         if pickles:
             raise UnsafeFormatError(
@@ -103,6 +116,25 @@ def read_adapter_folder(folder: Path) -> tuple[dict[str, Any], SafetensorsHeader
             )
         raise InvalidAdapterError(f"{folder} has no {WEIGHTS_FILE}")
     return config, read_header(weights)
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _require_regular_file(path: Path) -> None:
+    """Refuse, by what it is, a path that exists but is not a regular file (a FIFO, a device,
+    a folder, a dangling symlink); return when there is nothing at all. Nothing is opened: a
+    FIFO would block and a device such as /dev/zero never ends."""
+    if not os.path.lexists(path):
+        return
+    target = f" (a symlink to {os.readlink(path)})" if path.is_symlink() else ""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:  # a dangling symlink, or a loop of them
+        raise InvalidAdapterError(f"{path}{target} cannot be read: {exc.strerror}; it must be a regular file") from None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    raise InvalidAdapterError(f"{path}{target} is {kind}, not a regular file: replace it with the file itself")
 
 
 def file_sha256(path: Path) -> str:

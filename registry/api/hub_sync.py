@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -26,6 +28,7 @@ from registry.db.models import (
 )
 from registry.errors import (
     HubError,
+    InvalidAdapterError,
     InvalidNameError,
 )
 from registry.refs import (
@@ -74,7 +77,8 @@ class HubSync:
         with tempfile.TemporaryDirectory(prefix="pem-pull-") as tmp:
             files = hub.download(repo_id, commit, names, endpoint, Path(tmp))
             faults.point("pull-downloaded")
-            config, metadata, digest, size = self._ingest(Path(tmp))
+            with named_on_the_hub(Path(tmp), f"{repo_id}@{commit[:12]}"):
+                config, metadata, digest, size = self._ingest(Path(tmp))
             weights_oid = hub.git_blob_oid(Path(tmp) / WEIGHTS_FILE)
             weights_sha256 = file_sha256(Path(tmp) / WEIGHTS_FILE)
         link = HubLink(direction="pull", endpoint=endpoint, repo_id=repo_id, revision=revision or "main",
@@ -180,6 +184,17 @@ class HubSync:
         if oid != link.weights_oid:
             return SyncStatus(**base, remote_commit=head, status="changed", detail="the remote weights differ from what was pushed")
         return SyncStatus(**base, remote_commit=head, status="in-sync", detail="the remote holds what was pushed")
+
+
+@contextmanager
+def named_on_the_hub(folder: Path, where: str) -> Iterator[None]:
+    """Errors about the downloaded files name them as ``REPO@COMMIT:FILE``, where the user can
+    find them, instead of by the temporary folder they were checked in."""
+    try:
+        yield
+    except InvalidAdapterError as exc:
+        message = str(exc).replace(f"{folder}/", f"{where}:").replace(str(folder), where)
+        raise type(exc)(message) from None
 
 
 def imported_derivation(

@@ -54,7 +54,7 @@ class Porting:
 
             config_path = download_config(reference.model_id, reference.revision, endpoint or self.settings.hub_endpoint)
         config = hosts.read_config(Path(config_path))
-        structure = hosts.build_structure(config)
+        structure, unknown_reason = hosts.build_structure(config)
         with self._write_session() as session:
             record = session.scalars(
                 select(BaseModelRecord).where(
@@ -70,7 +70,7 @@ class Porting:
             record.config = config
             record.structure = structure
             session.flush()
-            return self._base_info(session, record)
+            return self._base_info(session, record).model_copy(update={"structure_unknown_reason": unknown_reason})
 
     def list_bases(self) -> list[BaseModelInfo]:
         with self._session() as session:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from registry.db.models import (
     utcnow,
 )
 from registry.errors import (
+    ConfigurationError,
     DatabaseError,
     PemError,
     UnknownModuleError,
@@ -184,22 +186,49 @@ class Team:
     def gc(self, *, dry_run: bool = False, grace_seconds: float = GC_GRACE_SECONDS) -> GcReport:
         """Delete blobs no module references, and partial writes of crashed writers, older than
         ``grace_seconds`` (a writer stores its blob before committing its row: a recent
-        unreferenced blob may be about to be registered). ``dry_run`` only lists them."""
+        unreferenced blob may be about to be registered). ``dry_run`` only lists them. The
+        report counts the bytes freed (or, dry, that would be) and the partial writes kept
+        because they are younger than the grace period."""
+        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or not (
+            math.isfinite(grace_seconds) and grace_seconds >= 0
+        ):
+            raise ConfigurationError(
+                f"the grace period must be a finite number of seconds, 0 or more (got {grace_seconds!r}): "
+                "a shorter one would delete the files of writers in flight"
+            )
         now = time.time()
         with self._blob_lock() as session:  # writers wait while blobs are collected
             referenced = set(session.scalars(select(Module.digest).distinct()))
             blobs = [d for d in self.store.digests() if d not in referenced and now - self.store.modified_at(d) >= grace_seconds]
             stale_rows = list(session.scalars(select(Blob.digest).where(Blob.digest.not_in(select(Module.digest)))))
-            temporary = [p for p, mtime in self.store.temporary_files() if now - mtime >= grace_seconds]
+            old, young = [], []  # partial writes, with their sizes
+            for path, mtime in self.store.temporary_files():
+                size = _size_or_none(path)
+                if size is not None:
+                    (old if now - mtime >= grace_seconds else young).append((path, size))
             freed = sum(self.store.size(d) for d in blobs)  # a remote store answers without downloading
-            if not dry_run:
+            if dry_run:
+                freed += sum(size for _, size in old)
+            else:
                 for digest in stale_rows:
                     session.delete(session.get(Blob, digest))
                 for digest in blobs:
                     self.store.delete(digest)
-                for path in temporary:
-                    path.unlink(missing_ok=True)
-        return GcReport(dry_run=dry_run, blobs=blobs, temporary_files=[str(p) for p in temporary], bytes_freed=freed)
+                for path, size in old:
+                    try:
+                        path.unlink()
+                        freed += size
+                    except FileNotFoundError:  # gone meanwhile: not freed by this gc
+                        pass
+        return GcReport(dry_run=dry_run, blobs=blobs, temporary_files=[str(p) for p, _ in old], bytes_freed=freed,
+                        kept_temporary_files=len(young), kept_temporary_bytes=sum(size for _, size in young))
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # a writer committed it meanwhile
+        return None
 
 
 # --- pem doctor checks --------------------------------------------------------------------
@@ -262,6 +291,7 @@ def check_hub(endpoint: str) -> HealthCheck:
         pass  # any HTTP answer (401 without a token) means the endpoint is there
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        return HealthCheck(name="hub", ok=False, detail=f"{endpoint} unreachable ({reason})",
-                           fix="check HF_ENDPOINT and the network (only pull, push and sync need it)")
+        return HealthCheck(name="hub", ok=False, status="warn",
+                           detail=f"{endpoint} unreachable ({reason}); only pull, push and sync need it",
+                           fix="check HF_ENDPOINT and the network")
     return HealthCheck(name="hub", ok=True, detail=f"{endpoint} reachable", fix=None)

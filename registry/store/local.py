@@ -80,7 +80,10 @@ class LocalBlobStore(BlobStore):
         """Leftovers of writers that never committed (crashed), with their modification time."""
         if self.tmp_dir.is_dir():
             for path in sorted(self.tmp_dir.iterdir()):
-                yield path, path.stat().st_mtime
+                try:
+                    yield path, path.stat().st_mtime
+                except FileNotFoundError:  # committed (renamed) meanwhile
+                    continue
 
     def digests(self) -> Iterator[str]:
         base = self.root / "sha256"

@@ -11,6 +11,9 @@ from registry.adapters.base import (
     AdapterType,
     TypePlan,
     common_dtype,
+    config_error,
+    config_flag,
+    config_string_list,
     extras_note,
     module_key,
     require_float,
@@ -26,7 +29,11 @@ TENSOR_SUFFIXES = {".ia3_l": "ia3_l"}
 
 def _is_feedforward(config: dict[str, Any], layer: str) -> bool:
     """PEFT's rule: a regex string must match the whole module name; a list matches by suffix."""
-    patterns = config.get("feedforward_modules") or []
+    patterns = config.get("feedforward_modules")
+    if patterns is None:
+        patterns = []
+    elif not isinstance(patterns, str) and not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+        raise config_error("feedforward_modules", "a regex string or a list of strings", patterns)
     key = module_key(layer)
     if isinstance(patterns, str):
         try:
@@ -47,6 +54,7 @@ class IA3Type(AdapterType):
 
     def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
         require_float(header)
+        config_flag(config, "fan_in_fan_out")  # read when composing
         grouped, extras = split_tensor_names(header, TENSOR_SUFFIXES)
         if not grouped:
             raise InvalidAdapterError(f"{header.path} holds no (IA)^3 tensors (names ending in .ia3_l)")
@@ -56,7 +64,7 @@ class IA3Type(AdapterType):
             if len(shape) != 2 or 1 not in shape:
                 raise InvalidAdapterError(f"{header.path}: layer {layer!r} has an (IA)^3 vector of shape {shape}")
             layers[layer] = {"params": {"ia3_l": shape}, "feedforward": _is_feedforward(config, layer)}
-        unsupported = ["modules_to_save"] if config.get("modules_to_save") else []
+        unsupported = ["modules_to_save"] if config_string_list(config, "modules_to_save") else []
         if extras:
             unsupported.append(extras_note(extras))
         return AdapterMetadata(

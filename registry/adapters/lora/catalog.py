@@ -15,6 +15,11 @@ from registry.adapters.base import (
     AdapterType,
     TypePlan,
     common_dtype,
+    config_error,
+    config_flag,
+    config_mapping,
+    config_present,
+    config_string_list,
     extras_note,
     pattern_value,
     positive_int,
@@ -35,18 +40,25 @@ TENSOR_SUFFIXES = {
     ".lora_B.bias": "lora_B_bias",
 }
 
-# Config flags whose arithmetic SEMANTICS.md does not define: composition refuses them.
-_UNSUPPORTED_FLAGS = {
-    "use_dora": "DoRA (use_dora)",
-    "lora_bias": "LoRA bias (lora_bias)",
-    "modules_to_save": "modules_to_save",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-    "layer_replication": "layer_replication",
-}
+def _unsupported_features(config: dict[str, Any]) -> list[str]:
+    """Config features whose arithmetic SEMANTICS.md does not define: composition refuses them."""
+    present = {
+        "DoRA (use_dora)": config_flag(config, "use_dora"),
+        "LoRA bias (lora_bias)": config_flag(config, "lora_bias"),
+        "modules_to_save": bool(config_string_list(config, "modules_to_save")),
+        "trainable tokens (trainable_token_indices)":
+            config_present(config, "trainable_token_indices", (list, dict), "a list or an object"),
+        "layer_replication": config_present(config, "layer_replication", (list,), "a list"),
+    }
+    return [label for label, on in present.items() if on]
 
 
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _valid_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_RANK
 
 
 def scaling(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -74,16 +86,17 @@ class LoraType(AdapterType):
         r = positive_int(config, "r")
         alpha = config.get("lora_alpha", 8)
         if not _finite_number(alpha):
-            raise InvalidAdapterError(f"adapter_config.json: lora_alpha must be a finite number, got {alpha!r}")
-        use_rslora = bool(config.get("use_rslora", False))
-        rank_pattern = config.get("rank_pattern") or {}
-        alpha_pattern = config.get("alpha_pattern") or {}
+            raise config_error("lora_alpha", "a finite number", alpha)
+        use_rslora = config_flag(config, "use_rslora")
+        config_flag(config, "fan_in_fan_out")  # read when composing
+        rank_pattern = config_mapping(config, "rank_pattern", _valid_rank, f"an integer from 1 to {MAX_RANK}")
+        alpha_pattern = config_mapping(config, "alpha_pattern", _finite_number, "a finite number")
 
         grouped, extras = split_tensor_names(header, TENSOR_SUFFIXES)
         if not grouped:
             raise InvalidAdapterError(f"{header.path} holds no LoRA tensors (names ending in .lora_A.weight)")
         layers = {}
-        unsupported = [label for flag, label in _UNSUPPORTED_FLAGS.items() if config.get(flag)]
+        unsupported = _unsupported_features(config)
         for layer, params in grouped.items():
             layers[layer] = self._describe_layer(header, layer, params, r, alpha, use_rslora, rank_pattern, alpha_pattern)
             if "lora_embedding_A" in params:
@@ -99,7 +112,7 @@ class LoraType(AdapterType):
             rank=r,
             lora_alpha=float(alpha),
             use_rslora=use_rslora,
-            use_dora=bool(config.get("use_dora", False)),
+            use_dora=config_flag(config, "use_dora"),
             target_modules=target_modules_list(config),
             layers=layers,
             dtype=common_dtype(header),
@@ -129,18 +142,13 @@ class LoraType(AdapterType):
                 f"{header.path}: layer {layer!r} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, "
                 "which do not multiply (expected r x in and out x r)"
             )
-        expected_rank = pattern_value(rank_pattern, layer, r)
-        if not isinstance(expected_rank, int) or isinstance(expected_rank, bool) or not 0 < expected_rank <= MAX_RANK:
-            raise InvalidAdapterError(f"adapter_config.json: rank_pattern gives {expected_rank!r} for layer {layer!r}")
+        expected_rank = pattern_value(rank_pattern, layer, r)  # values checked in describe
         if a_shape[0] != expected_rank:
             raise InvalidAdapterError(
                 f"config and tensors disagree: adapter_config.json says rank {expected_rank} for layer {layer!r} "
                 f"but its tensors have rank {a_shape[0]}"
             )
-        layer_alpha = pattern_value(alpha_pattern, layer, alpha)
-        if not _finite_number(layer_alpha):
-            raise InvalidAdapterError(f"adapter_config.json: alpha_pattern gives {layer_alpha!r} for layer {layer!r}")
-        layer_alpha = float(layer_alpha)
+        layer_alpha = float(pattern_value(alpha_pattern, layer, alpha))
         return {
             "params": {p: list(header.tensors[n].shape) for p, n in sorted(params.items())},
             "rank": expected_rank,
