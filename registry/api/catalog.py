@@ -28,8 +28,11 @@ from registry.api.common import (
     aliases_of,
     canonical_json_digest,
     check_lengths,
+    check_new_name,
     file_sha256,
     info_fields,
+    inherited_metadata,
+    lock_name,
     module_details,
     module_info,
     next_version,
@@ -250,6 +253,14 @@ class Catalog:
                     ).first()
                     if existing is not None:
                         return module_info(existing, created=False)
+                    lock_name(session, name)
+                    previous = session.scalars(
+                        select(Module).where(Module.namespace == name.namespace, Module.name == name.name)
+                        .order_by(Module.version.desc())
+                    ).first()
+                    if previous is None:
+                        check_new_name(session, name)
+                    row_task, row_tags = inherited_metadata(previous, task, tags)
                     if session.get(Blob, digest) is None:
                         session.add(Blob(digest=digest, size_bytes=size_bytes))
                     if not self.store.exists(digest):  # collected by a concurrent `pem gc`
@@ -268,7 +279,7 @@ class Catalog:
                         base_model=metadata.base_model or "",
                         base_revision=metadata.base_revision,
                         task_type=metadata.task_type,
-                        task=task,
+                        task=row_task,
                         rank=metadata.rank,
                         lora_alpha=metadata.lora_alpha,
                         use_rslora=metadata.use_rslora,
@@ -282,7 +293,7 @@ class Catalog:
                         description=description,
                         owner=self.settings.user,
                         source=source,
-                        tags=[Tag(key=k, value=v) for k, v in tags],
+                        tags=[Tag(key=k, value=v) for k, v in row_tags],
                     )
                     session.add(module)
                     session.flush()
@@ -332,43 +343,46 @@ class Catalog:
         limit: int | None = None,
     ) -> list[ModuleInfo]:
         """Registered modules matching every given filter, by name then version.
-        ``derived_from`` keeps modules made (transitively) from that reference; ``limit``
-        returns at most that many."""
-        query = select(*INFO_COLUMNS)
-        if base_model is not None:
-            query = query.where(Module.base_model == base_model)
-        if peft_type is not None:
-            query = query.where(Module.peft_type == peft_type.upper().replace("(IA)^3", "IA3"))
-        if task is not None:
-            query = query.where(Module.task == task)
-        if rank is not None:
-            query = query.where(Module.rank == rank)
-        if kind is not None:
-            query = query.where(Module.kind == kind)
-        for key, value in (tags or {}).items():
-            query = query.where(Module.tags.any((Tag.key == key) & (Tag.value == value)))
-        if latest:
-            newer = aliased(Module)
-            query = query.where(
-                ~select(newer.id).where(
-                    newer.namespace == Module.namespace, newer.name == Module.name, newer.version > Module.version
-                ).exists()
-            )
+        ``derived_from`` keeps modules made (transitively) from that reference; ``latest``
+        keeps, of each name, the newest version among those that match; ``limit`` returns at
+        most that many."""
+        peft_type = peft_type.upper().replace("(IA)^3", "IA3") if peft_type is not None else None
         with self._session() as session:
-            if derived_from is not None:
-                root = self._resolve(session, derived_from)
-                ids = lineage_queries.descendant_ids(root.id)
-                query = query.where(Module.id.in_(select(ids.c.id)), Module.id != root.id)
+            root = self._resolve(session, derived_from) if derived_from is not None else None
+            descendants = select(lineage_queries.descendant_ids(root.id).c.id) if root is not None else None
+
+            def matching(row: Any) -> list[Any]:
+                """The filters, on ``Module`` or an alias of it (``--latest`` compares versions
+                among the matches only)."""
+                given = [
+                    (base_model, row.base_model), (peft_type, row.peft_type), (task, row.task), (rank, row.rank),
+                    (kind, row.kind),
+                ]
+                conditions = [column == value for value, column in given if value is not None]
+                conditions += [row.tags.any((Tag.key == key) & (Tag.value == value)) for key, value in (tags or {}).items()]
+                if root is not None:
+                    conditions += [row.id.in_(descendants), row.id != root.id]
+                return conditions
+
+            query = select(*INFO_COLUMNS).where(*matching(Module))
+            if latest:
+                newer = aliased(Module)
+                query = query.where(
+                    ~select(newer.id).where(
+                        newer.namespace == Module.namespace, newer.name == Module.name, newer.version > Module.version,
+                        *matching(newer),
+                    ).exists()
+                )
             rows = session.execute(query.order_by(Module.namespace, Module.name, Module.version).limit(limit)).all()
             tags_by_module: dict[int, dict[str, str]] = {}
             aliases: dict[int, list[str]] = {}
             if rows:
-                matching = [row.id for row in rows] if limit is not None else query.with_only_columns(Module.id)
+                ids = [row.id for row in rows] if limit is not None else query.with_only_columns(Module.id)
                 for tag in session.execute(
-                    select(Tag.module_id, Tag.key, Tag.value).where(Tag.module_id.in_(matching)).order_by(Tag.key)
+                    select(Tag.module_id, Tag.key, Tag.value).where(Tag.module_id.in_(ids)).order_by(Tag.key)
                 ):
                     tags_by_module.setdefault(tag.module_id, {})[tag.key] = tag.value
-                aliases = aliases_of(session, matching)
+                aliases = aliases_of(session, ids)
         # Rows come from typed columns: construct without re-validating each field.
         return [
             ModuleInfo.model_construct(**info_fields(row, tags_by_module.get(row.id, {}), aliases.get(row.id, [])))
@@ -418,16 +432,13 @@ class Catalog:
         if not matches:
             raise UnknownModuleError(f"no module has a digest starting with {prefix}")
         if len(matches) > 1:
-            listed = ", ".join(f"{m.ref} (sha256:{m.digest[:12]})" for m in matches[:10])
-            raise AmbiguousReferenceError(
-                f"sha256:{prefix} matches {len(matches)} modules: {listed}; use a longer prefix or NS/NAME@VERSION"
-            )
+            raise AmbiguousReferenceError(ambiguous_digest_message(prefix, matches))
         return matches[0]
 
     @staticmethod
     def _suggest(session: Session, wanted: str) -> str:
-        names = session.execute(select(Module.namespace, Module.name).distinct()).all()
-        close = difflib.get_close_matches(wanted, [f"{ns}/{n}" for ns, n in names], n=3, cutoff=0.6)
+        names = [f"{ns}/{n}" for ns, n in session.execute(select(Module.namespace, Module.name).distinct())]
+        close = closest_names(wanted, names)
         return f"; did you mean {', '.join(close)}?" if close else ""
 
     # --- exporting and removing ---------------------------------------------------------------
@@ -505,6 +516,36 @@ class Catalog:
             if self.engine.dialect.name == "postgresql":
                 session.execute(text("LOCK TABLE blobs IN ACCESS EXCLUSIVE MODE"))
             yield session
+
+
+def ambiguous_digest_message(prefix: str, matches: list[Module]) -> str:
+    """Every module a digest prefix matches, and how to pick one. A longer prefix helps only
+    when the matches have different digests; modules sharing one digest (a port, the same
+    tensors under two names) are told apart by name only."""
+    if len({m.digest for m in matches}) > 1:
+        listed = ", ".join(f"{m.ref} (sha256:{m.digest[:12]})" for m in matches)
+        how = "use a longer prefix, or pick one by NS/NAME@VERSION"
+    else:
+        listed = ", ".join(m.ref for m in matches)
+        how = f"they hold the same tensors, so pick one by NS/NAME@VERSION, e.g. {matches[0].ref}"
+    return f"sha256:{prefix} matches {len(matches)} modules: {listed}; {how}"
+
+
+SUGGESTION_CUTOFF = 0.6  # difflib's default: below it, suggestions are noise
+
+
+def closest_names(wanted: str, names: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` names most similar to ``wanted``, most similar first (case ignored, ties in
+    name order)."""
+    target = wanted.lower()
+    scored = []
+    for name in names:
+        matcher = difflib.SequenceMatcher(None, target, name.lower())
+        if matcher.real_quick_ratio() >= SUGGESTION_CUTOFF and matcher.quick_ratio() >= SUGGESTION_CUTOFF:
+            score = matcher.ratio()
+            if score >= SUGGESTION_CUTOFF:
+                scored.append((-score, name))
+    return [name for _, name in sorted(scored)[:n]]
 
 
 # --- reading adapter folders ------------------------------------------------------------------
