@@ -248,12 +248,26 @@ def export(registry: Any, ref: str, directory: str) -> None:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", metavar="NS/NAME@VERSION")
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed, and the blob it would free.")
+@json_option
 @with_registry
-def rm(registry: Any, ref: str) -> None:
-    """Remove a module version (refused while modules derived from it exist)."""
-    info = registry.remove(ref)
-    click.echo(f"removed {info.ref}")
+def rm(registry: Any, ref: str, dry_run: bool, as_json: bool) -> None:
+    """Remove one module version (refused while modules derived from it exist, or an alias points at it)."""
+    removal = registry.remove(ref, dry_run=dry_run)
+    if as_json:
+        echo_json(removal)
+    elif not dry_run:
+        click.echo(f"removed {removal.ref}")
+    else:
+        records = [f"tags {' '.join(f'{k}={v}' for k, v in removal.tags.items())}"] if removal.tags else []
+        records += ["its provenance"] if removal.provenance else []
+        records += [f"{removal.hub_links} Hub link{'s' if removal.hub_links != 1 else ''}"] if removal.hub_links else []
+        click.echo(f"would remove {removal.ref}" + (f" ({'; '.join(records)})" if records else ""))
+        if removal.blob_freed:
+            click.echo(f"would free blob sha256:{removal.digest[:12]} ({human_size(removal.bytes_freed)})")
+        else:
+            click.echo(f"would keep blob sha256:{removal.digest[:12]}: also used by {', '.join(removal.blob_kept_for)}")
 
 
 # --- composition ------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def test_home_option(ad, tmp_path, monkeypatch):
     ok(run("export", "team/x", tmp_path / "exported", "--home", home))
     assert (tmp_path / "exported" / WEIGHTS).is_file()
     assert_clean_error(run("list"), "pem init")  # PEM_HOME (elsewhere) has no registry
-    ok(run("rm", "team/x", "--home", home))
+    ok(run("rm", "team/x@1", "--home", home))
     assert as_json(run("list", "--json", "--home", home)) == []
     assert not blob_path(home, added["digest"]).exists()
 

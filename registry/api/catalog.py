@@ -54,6 +54,7 @@ from registry.db.models import Alias as AliasRow
 from registry.db.models import (
     Blob,
     DerivationInput,
+    HubLink,
     Module,
     Tag,
 )
@@ -62,6 +63,7 @@ from registry.errors import (
     BlobStoreError,
     DatabaseError,
     InvalidAdapterError,
+    InvalidNameError,
     ModuleInUseError,
     PemError,
     RegistryNotInitializedError,
@@ -77,6 +79,7 @@ from registry.safetensors_io import copy_canonical
 from registry.schemas import (
     ModuleDetails,
     ModuleInfo,
+    Removal,
 )
 from registry.store import BlobStore, open_store
 
@@ -472,11 +475,22 @@ class Catalog:
             raise
         return target
 
-    def remove(self, ref: str) -> ModuleInfo:
-        """Delete a module version; refused while modules derived from it exist. Its blob is
-        deleted when no other module uses it."""
-        with self._write_session() as session:
-            module = self._resolve(session, ref)
+    def remove(self, ref: str, *, dry_run: bool = False) -> Removal:
+        """Delete one version, named as ``NS/NAME@N`` (or by its ``sha256:`` digest); refused
+        while modules derived from it exist or an alias points at it. Its blob is deleted when
+        no other module uses it. ``dry_run`` only says what would be removed."""
+        with (self._session() if dry_run else self._write_session()) as session:
+            parsed = parse_reference(ref)
+            module = self._resolve(session, parsed)
+            if parsed.module is not None and parsed.version is None and parsed.alias is None:
+                versions = session.scalars(
+                    select(Module.version).where(Module.namespace == module.namespace, Module.name == module.name)
+                    .order_by(Module.version)
+                ).all()
+                raise InvalidNameError(
+                    f"{ref} names no version: remove one at a time, e.g. `pem rm {module.ref}` "
+                    f"({module.full_name} has version{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))})"
+                )
             dependents = session.scalars(
                 select(Module).join(DerivationInput, DerivationInput.module_id == Module.id)
                 .where(DerivationInput.input_id == module.id).order_by(Module.id)
@@ -493,11 +507,23 @@ class Catalog:
                     f"cannot remove {module.ref}: alias {', '.join(labels)} points at it; "
                     "move it (`pem alias set`) or remove it (`pem alias rm`) first"
                 )
-            info = module_info(module)
             digest = module.digest
+            sharing = session.scalars(
+                select(Module).where(Module.digest == digest, Module.id != module.id)
+                .order_by(Module.namespace, Module.name, Module.version)
+            ).all()
+            orphan = not sharing
+            removal = Removal(
+                ref=module.ref, digest=digest, dry_run=dry_run, tags={t.key: t.value for t in module.tags},
+                provenance=module.derivation is not None,
+                hub_links=session.scalar(select(func.count()).where(HubLink.module_id == module.id)) or 0,
+                blob_freed=orphan, bytes_freed=self.store.size(digest) if orphan and self.store.exists(digest) else 0,
+                blob_kept_for=[m.ref for m in sharing],
+            )
+            if dry_run:
+                return removal
             session.delete(module)
             session.flush()
-            orphan = session.scalar(select(func.count()).where(Module.digest == digest)) == 0
             if orphan:
                 session.delete(session.get(Blob, digest))
         if orphan:  # after the commit: a crash here leaves a stray file, never a dangling row
@@ -505,7 +531,7 @@ class Catalog:
                 # A concurrent add of the same content may have registered it meanwhile.
                 if session.scalar(select(func.count()).where(Module.digest == digest)) == 0:
                     self.store.delete(digest)
-        return info
+        return removal
 
     @contextmanager
     def _blob_lock(self) -> Iterator[Session]:
