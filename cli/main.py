@@ -689,6 +689,22 @@ def alias_rm(registry: Any, name: str, label: str) -> None:
     click.echo(f"removed {info.alias} (was {info.ref})")
 
 
+@alias.command("list")
+@click.argument("name", metavar="[NS/NAME]", required=False)
+@json_option
+@with_registry
+def alias_list(registry: Any, name: str | None, as_json: bool) -> None:
+    """List the aliases of NS/NAME, or of every name, and the version each points at."""
+    aliases = registry.list_aliases(name)
+    if as_json:
+        echo_json(aliases)
+        return
+    for a in aliases:
+        click.echo(f"{a.alias} -> {a.ref}")
+    if not aliases:
+        click.echo(f"{name + ' has no aliases' if name else 'no aliases'} (`pem alias set NS/NAME ALIAS VERSION` sets one)")
+
+
 @alias.command("log")
 @click.argument("name", metavar="NS/NAME")
 @json_option

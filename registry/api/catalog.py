@@ -182,7 +182,8 @@ class Catalog:
         """
         module_name = parse_module_name(name)
         tag_pairs = parse_tags(tags)
-        check_lengths(task=task, base_model=base_model, base_revision=base_revision)
+        check_lengths(task=task, base_model=base_model, base_revision=base_revision, description=description)
+        self._check_new_name_early(module_name)
         folder = Path(path)
         config, metadata, digest, size = self._ingest(folder, base_model, base_revision, allow_nonfinite)
         return self._register(
@@ -197,6 +198,16 @@ class Catalog:
             description=description,
             source={"path": str(folder.absolute()), "file_sha256": file_sha256(folder / WEIGHTS_FILE)},
         )
+
+    def _check_new_name_early(self, name: ModuleName) -> None:
+        """The rules for a new name (:func:`check_new_name`), before any blob is written; they
+        are checked again when registering, under the name's lock."""
+        with self._session() as session:
+            held = session.scalar(
+                select(Module.id).where(Module.namespace == name.namespace, Module.name == name.name).limit(1)
+            )
+            if held is None:
+                check_new_name(session, name)
 
     def _ingest(
         self, folder: Path, base_model: str | None = None, base_revision: str | None = None,

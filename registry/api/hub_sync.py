@@ -60,6 +60,7 @@ class HubSync:
         module_name = parse_module_name(name or hub.default_name(repo_id))
         tag_pairs = parse_tags(tags)
         check_lengths(task=task)
+        self._check_new_name_early(module_name)
         endpoint = (endpoint or self.settings.hub_endpoint).rstrip("/")
         commit, names = hub.resolve(repo_id, revision, endpoint)
         with self._session() as session:

@@ -14,6 +14,7 @@ from registry.api.common import (
     GC_GRACE_SECONDS,
     VERSION_RETRIES,
     aliases_of,
+    check_lengths,
     module_info,
     parse_tags,
     unknown_alias_error,
@@ -99,6 +100,19 @@ class Team:
                                    from_version=version, to_version=None, by=self.settings.user))
             return AliasInfo(alias=f"{module_name}@{label}", ref=f"{module_name}@{version}", version=version)
 
+    def list_aliases(self, name: str | None = None) -> list[AliasInfo]:
+        """The aliases of ``name`` (``NS/NAME``), or of every name, by name then label."""
+        query = select(AliasRow.namespace, AliasRow.name, AliasRow.alias, Module.version).join(
+            Module, Module.id == AliasRow.module_id
+        )
+        with self._session() as session:
+            if name is not None:
+                module_name = parse_module_name(name)
+                self._resolve(session, str(module_name))  # an unknown name is an error, with suggestions
+                query = query.where(AliasRow.namespace == module_name.namespace, AliasRow.name == module_name.name)
+            rows = session.execute(query.order_by(AliasRow.namespace, AliasRow.name, AliasRow.alias)).all()
+        return [AliasInfo(alias=f"{ns}/{n}@{label}", ref=f"{ns}/{n}@{version}", version=version) for ns, n, label, version in rows]
+
     def alias_log(self, name: str) -> list[AliasMove]:
         """Every move of every alias of ``name``, oldest first."""
         module_name = parse_module_name(name)
@@ -138,6 +152,7 @@ class Team:
 
     def describe(self, ref: str, description: str | None) -> ModuleInfo:
         """Replace a version's description (None clears it); recorded with time and author."""
+        check_lengths(description=description)
         with self._write_session() as session:
             module = self._resolve(session, ref)
             if module.description != description:
