@@ -240,10 +240,11 @@ def _rank_alpha(details: Any) -> str:
 @pem.command()
 @click.argument("ref")
 @click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace adapter files already in DIRECTORY.")
 @with_registry
-def export(registry: Any, ref: str, directory: str) -> None:
-    """Write REF as a PEFT adapter folder DIRECTORY (new or empty)."""
-    target = registry.export(ref, directory)
+def export(registry: Any, ref: str, directory: str, force: bool) -> None:
+    """Write REF as a PEFT adapter folder DIRECTORY (created if needed; its other files are kept)."""
+    target = registry.export(ref, directory, force=force)
     click.echo(f"exported {registry.resolve(ref).ref} to {target}")
 
 

@@ -6,8 +6,8 @@ import difflib
 import json
 import os
 import random
+import secrets
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -457,32 +457,38 @@ class Catalog:
 
     # --- exporting and removing ---------------------------------------------------------------
 
-    def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``
-        (new or empty), a folder that ``PeftModel.from_pretrained`` loads."""
+    def export(self, ref: str, directory: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``,
+        a folder that ``PeftModel.from_pretrained`` loads. The folder is created if needed; an
+        existing one keeps its mode and its other files, and adapter files already in it are
+        replaced only with ``force``. New files follow the umask."""
         target = Path(directory)
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise PemError(f"export target {target} exists and is not an empty folder: choose a new folder")
+        if target.exists() and not target.is_dir():
+            raise PemError(f"export target {target} exists and is not a folder: choose a folder")
+        present = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if os.path.lexists(target / name)]
+        if present and not force:
+            raise PemError(f"{target} already holds {' and '.join(present)}: pass --force to replace them, or choose another folder")
         with self._session() as session:
             module = self._resolve(session, ref)
             config, digest = module.config, module.digest
         blob = self.store.local_path(digest)
+        created = not target.exists()
+        staged: list[tuple[Path, Path]] = []  # (temporary file, final name), renamed once all are written
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".pem-export-", dir=target.parent))
-        except OSError as exc:
-            raise PemError(f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write") from None
-        try:
-            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            shutil.copyfile(blob, staging / WEIGHTS_FILE)
-            if target.exists():
+            target.mkdir(parents=True, exist_ok=True)
+            with new_file(target, WEIGHTS_FILE, staged) as out, open(blob, "rb") as source:
+                shutil.copyfileobj(source, out, 8 * 1024 * 1024)
+            with new_file(target, CONFIG_FILE, staged) as out:
+                out.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+            for temporary, final in staged:  # the weights first: a config never names weights not yet there
+                os.replace(temporary, final)
+        except BaseException as exc:
+            for temporary, _ in staged:
+                temporary.unlink(missing_ok=True)
+            if created and target.is_dir() and not any(target.iterdir()):
                 target.rmdir()
-            os.replace(staging, target)
-        except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise PemError(f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write") from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise PemError(f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write") from None
             raise
         return target
 
@@ -553,6 +559,17 @@ class Catalog:
             if self.engine.dialect.name == "postgresql":
                 session.execute(text("LOCK TABLE blobs IN ACCESS EXCLUSIVE MODE"))
             yield session
+
+
+@contextmanager
+def new_file(folder: Path, name: str, staged: list[tuple[Path, Path]]) -> Iterator[Any]:
+    """A new temporary file in ``folder`` that will become ``name``, created with the mode the
+    umask gives (not mkstemp's 0600), recorded in ``staged``."""
+    temporary = folder / f".{name}.pem-{secrets.token_hex(6)}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    staged.append((temporary, folder / name))
+    with os.fdopen(fd, "wb") as out:
+        yield out
 
 
 def ambiguous_digest_message(prefix: str, matches: list[Module]) -> str:
