@@ -505,12 +505,17 @@ def base_show(registry: Any, base_model: str, as_json: bool) -> None:
     if as_json:
         echo_json(info)
         return
-    click.echo(f"base model    {info.model_id}{'@' + info.revision if info.revision else ''}")
-    click.echo(f"architecture  {info.architecture} ({info.model_type})")
-    for key, value in info.dimensions.items():
-        click.echo(f"{key:<14}{value}")
-    click.echo(f"structure     {f'{info.adaptable_modules} adaptable modules' if info.structure_known else 'unknown'}")
-    click.echo(f"adapters      {info.adapters}")
+    rows = [
+        ("base model", info.model_id + (f"@{info.revision}" if info.revision else "")),
+        ("architecture", info.architecture or "unknown (config.json names no architectures)"),
+        ("model type", info.model_type or "unknown (config.json has no model_type)"),
+        *((key, "unknown" if value is None else str(value)) for key, value in info.dimensions.items()),
+        ("structure", f"{info.adaptable_modules} adaptable modules" if info.structure_known else "unknown"),
+        ("adapters", str(info.adapters)),
+    ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
 
 
 @pem.command()
@@ -582,6 +587,8 @@ def push(registry: Any, ref: str, repo: str, as_json: bool, **options: Any) -> N
     result = registry.push(ref, repo, **options)
     if as_json:
         echo_json(result)
+    elif not result.changed:
+        click.echo(f"nothing changed: {result.url} ({result.branch} @ {result.commit[:12]}) already holds {result.ref}")
     else:
         click.echo(f"pushed {result.ref} to {result.url} ({result.branch} @ {result.commit[:12]})")
 

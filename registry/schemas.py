@@ -297,6 +297,7 @@ class PushResult(BaseModel):
     branch: str
     commit: str
     url: str
+    changed: bool = Field(True, description="False when the branch already held this content: no commit was made")
 
 
 class Removal(BaseModel):
