@@ -40,6 +40,21 @@ def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README).")(fn)
 
 
+def complete_reference(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of module names, then of versions and aliases after '@' (enabled as
+    the README says, through click's ``_PEM_COMPLETE``). Reads the catalog only; says nothing
+    when it cannot (no registry yet)."""
+    from click.shell_completion import CompletionItem
+
+    from registry import Registry
+
+    try:
+        with Registry.open(ctx.params.get("home")) as registry:
+            return [CompletionItem(ref) for ref in registry.complete_reference(incomplete)]
+    except Exception:  # a completion never prints an error into the user's command line
+        return []
+
+
 def with_registry(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Open the registry named by --home and pass it as the first argument."""
 
@@ -190,7 +205,7 @@ def list_(registry: Any, tags: tuple[str, ...], as_json: bool, **filters: Any) -
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @json_option
 @with_registry
 def show(registry: Any, ref: str, as_json: bool) -> None:
@@ -238,7 +253,7 @@ def _rank_alpha(details: Any) -> str:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace adapter files already in DIRECTORY.")
 @with_registry
@@ -249,7 +264,7 @@ def export(registry: Any, ref: str, directory: str, force: bool) -> None:
 
 
 @pem.command()
-@click.argument("ref", metavar="NS/NAME@VERSION")
+@click.argument("ref", metavar="NS/NAME@VERSION", shell_complete=complete_reference)
 @click.option("--dry-run", is_flag=True, help="Only show what would be removed, and the blob it would free.")
 @json_option
 @with_registry
@@ -376,7 +391,7 @@ class _progress:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (nodes and edges).")
 @click.option("--format", "fmt", type=click.Choice(["tree", "dot", "mermaid"]), default="tree", show_default=True)
 @with_registry
@@ -392,7 +407,7 @@ def lineage(registry: Any, ref: str, as_json: bool, fmt: str) -> None:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @json_option
 @with_registry
 def descendants(registry: Any, ref: str, as_json: bool) -> None:
@@ -409,7 +424,7 @@ def descendants(registry: Any, ref: str, as_json: bool) -> None:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @json_option
 @with_registry
 def contents(registry: Any, ref: str, as_json: bool) -> None:
@@ -432,7 +447,7 @@ def contents(registry: Any, ref: str, as_json: bool) -> None:
 
 
 @pem.command()
-@click.argument("ref", required=False)
+@click.argument("ref", required=False, shell_complete=complete_reference)
 @click.option("--all", "check_all", is_flag=True, help="Verify every module.")
 @json_option
 @with_registry
@@ -519,7 +534,7 @@ def base_show(registry: Any, base_model: str, as_json: bool) -> None:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.option("--to", "to", required=True, metavar="BASE_ID[@REV]", help="The host to port to (see `pem base add`).")
 @click.option("--name", help="NS/NAME of the ported module (required unless --dry-run).")
 @click.option("--dry-run", is_flag=True, help="Only report the compatibility level and its evidence.")
@@ -574,7 +589,7 @@ def pull(registry: Any, repo: str, tags: tuple[str, ...], as_json: bool, **optio
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.argument("repo", metavar="REPO_ID")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--branch", help="Push to this branch (created if needed).")
@@ -676,7 +691,7 @@ def alias() -> None:
 
 
 @alias.command("set")
-@click.argument("name", metavar="NS/NAME")
+@click.argument("name", metavar="NS/NAME", shell_complete=complete_reference)
 @click.argument("label", metavar="ALIAS")
 @click.argument("version", type=click.IntRange(min=1))
 @json_option
@@ -688,7 +703,7 @@ def alias_set(registry: Any, name: str, label: str, version: int, as_json: bool)
 
 
 @alias.command("rm")
-@click.argument("name", metavar="NS/NAME")
+@click.argument("name", metavar="NS/NAME", shell_complete=complete_reference)
 @click.argument("label", metavar="ALIAS")
 @with_registry
 def alias_rm(registry: Any, name: str, label: str) -> None:
@@ -698,7 +713,7 @@ def alias_rm(registry: Any, name: str, label: str) -> None:
 
 
 @alias.command("list")
-@click.argument("name", metavar="[NS/NAME]", required=False)
+@click.argument("name", metavar="[NS/NAME]", required=False, shell_complete=complete_reference)
 @json_option
 @with_registry
 def alias_list(registry: Any, name: str | None, as_json: bool) -> None:
@@ -714,7 +729,7 @@ def alias_list(registry: Any, name: str | None, as_json: bool) -> None:
 
 
 @alias.command("log")
-@click.argument("name", metavar="NS/NAME")
+@click.argument("name", metavar="NS/NAME", shell_complete=complete_reference)
 @json_option
 @with_registry
 def alias_log(registry: Any, name: str, as_json: bool) -> None:
@@ -732,7 +747,7 @@ def alias_log(registry: Any, name: str, as_json: bool) -> None:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.argument("tags", nargs=-1, metavar="KEY=VALUE...")
 @click.option("--rm", "remove", multiple=True, metavar="KEY", help="Remove this tag; repeatable.")
 @json_option
@@ -744,7 +759,7 @@ def tag(registry: Any, ref: str, tags: tuple[str, ...], remove: tuple[str, ...],
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.argument("text", required=False)
 @click.option("--clear", is_flag=True, help="Remove the description.")
 @with_registry
@@ -757,7 +772,7 @@ def describe(registry: Any, ref: str, text: str | None, clear: bool) -> None:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @json_option
 @with_registry
 def history(registry: Any, ref: str, as_json: bool) -> None:
@@ -785,8 +800,9 @@ def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
         echo_json(checks)
     else:
         for c in checks:
-            click.echo(f"{'ok' if c.ok else 'FAIL':<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
-    if not all(c.ok for c in checks if c.name != "hub"):  # the Hub is optional: only pull, push and sync need it
+            label = "ok" if c.ok else "WARN" if c.warning else "FAIL"
+            click.echo(f"{label:<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
+    if not all(c.ok or c.warning for c in checks if c.name != "hub"):  # the Hub is optional: only pull, push and sync need it
         sys.exit(1)
 
 

@@ -354,3 +354,4 @@ class HealthCheck(BaseModel):
     ok: bool
     detail: str
     fix: str | None
+    warning: bool = Field(False, description="a finding that does not make doctor fail (printed WARN)")

@@ -403,6 +403,28 @@ class Catalog:
             for row in rows
         ]
 
+    def complete_reference(self, prefix: str, limit: int = 100) -> list[str]:
+        """References starting with ``prefix``, for shell completion: ``NS/NAME`` of
+        registered names, or after ``NAME@`` its versions (newest first) and aliases."""
+        name, at, selector = prefix.partition("@")
+        namespace, slash, rest = name.partition("/")
+        with self._session() as session:
+            if at:
+                versions = session.scalars(
+                    select(Module.version).where(Module.namespace == namespace, Module.name == rest)
+                    .order_by(Module.version.desc())
+                )
+                labels = session.scalars(
+                    select(AliasRow.alias).where(AliasRow.namespace == namespace, AliasRow.name == rest).order_by(AliasRow.alias)
+                )
+                found = [f"{name}@{v}" for v in [*map(str, versions), *labels] if v.startswith(selector)]
+            else:
+                query = select(Module.namespace, Module.name).distinct()
+                query = query.where(Module.namespace == namespace, Module.name.startswith(rest, autoescape=True)) if slash \
+                    else query.where(Module.namespace.startswith(namespace, autoescape=True))
+                found = [f"{ns}/{n}" for ns, n in session.execute(query.order_by(Module.namespace, Module.name))]
+        return found[:limit]
+
     def resolve(self, ref: str) -> ModuleInfo:
         """What a reference points at (without layers and config)."""
         with self._session() as session:

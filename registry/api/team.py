@@ -36,6 +36,8 @@ from registry.errors import (
     UnknownModuleError,
 )
 from registry.refs import (
+    ModuleName,
+    number_segment,
     parse_alias,
     parse_module_name,
 )
@@ -188,6 +190,8 @@ class Team:
         the cache healthy and the Hub endpoint reachable, each with the fix when not."""
         settings = Settings.resolve(home, hub_endpoint=endpoint)
         checks = [check_database(settings)]
+        if checks[0].ok:
+            checks.append(check_names(settings))
         store = open_store(settings.store, home=settings.home)
         checks.append(check_store(store))
         if hasattr(store, "cache_info"):
@@ -237,6 +241,34 @@ def check_database(settings: Settings) -> HealthCheck:
         return HealthCheck(name="database", ok=False, detail=f"{where} is at schema {revision}, this pem needs {SCHEMA_HEAD}",
                            fix="run `pem db upgrade`")
     return HealthCheck(name="database", ok=True, detail=f"{where} reachable, schema {revision}", fix=None)
+
+
+def check_names(settings: Settings) -> HealthCheck:
+    """Names registered before the naming rules (a segment that reads as a number, names equal
+    ignoring case): they keep working, but `NS/NAME` in an expression may not mean them."""
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            names = [
+                ModuleName(ns, n) for ns, n in connection.execute(
+                    select(Module.namespace, Module.name).distinct().order_by(Module.namespace, Module.name)
+                )
+            ]
+    finally:
+        engine.dispose()
+    spellings: dict[str, list[str]] = {}
+    for name in names:
+        spellings.setdefault(str(name).lower(), []).append(str(name))
+    numeric = [str(name) for name in names if number_segment(name) is not None]
+    same_but_case = [" = ".join(group) for group in spellings.values() if len(group) > 1]
+    if not numeric and not same_but_case:
+        return HealthCheck(name="names", ok=True, detail=f"{len(names)} names follow the naming rules", fix=None)
+    found = [f"a part reads as a number: {', '.join(numeric)}"] if numeric else []
+    found += [f"equal ignoring case: {'; '.join(same_but_case)}"] if same_but_case else []
+    return HealthCheck(
+        name="names", ok=False, warning=True, detail="registered before the naming rules: " + "; ".join(found),
+        fix="they keep working; refer to them as NS/NAME@VERSION or sha256:, and give new modules other names",
+    )
 
 
 def make_url_safe(url: str) -> str:
