@@ -792,7 +792,8 @@ def history(registry: Any, ref: str, as_json: bool) -> None:
 @endpoint_option
 @json_option
 def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
-    """Check the database, the blob store, the cache and the Hub endpoint; exit 1 on a problem."""
+    """Check the database, the blob store, the cache and the Hub endpoint; exit 1 on any FAIL
+    (an unreachable Hub is a WARN: only pull, push and sync need it)."""
     from registry import Registry
 
     checks = Registry.doctor(home, endpoint=endpoint)
@@ -800,9 +801,8 @@ def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
         echo_json(checks)
     else:
         for c in checks:
-            label = "ok" if c.ok else "WARN" if c.warning else "FAIL"
-            click.echo(f"{label:<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
-    if not all(c.ok or c.warning for c in checks if c.name != "hub"):  # the Hub is optional: only pull, push and sync need it
+            click.echo(f"{'ok' if c.ok else c.status.upper():<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
+    if any(c.status == "fail" for c in checks):  # a warning (no Hub) does not fail doctor  # the Hub is optional: only pull, push and sync need it
         sys.exit(1)
 
 

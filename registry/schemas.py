@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -348,10 +348,19 @@ class MetadataChange(BaseModel):
 
 
 class HealthCheck(BaseModel):
-    """One line of ``pem doctor``."""
+    """One line of ``pem doctor``. ``status`` ``fail`` makes doctor exit 1; ``warn`` is a
+    problem for some commands only (an unreachable Hub: pull, push, sync), and does not."""
 
     name: str
-    ok: bool
+    ok: bool = Field(description="the check passed (status ok)")
     detail: str
     fix: str | None
-    warning: bool = Field(False, description="a finding that does not make doctor fail (printed WARN)")
+    status: Literal["ok", "warn", "fail"] = Field(description="ok, warn, or fail (fail: doctor exits 1)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _status_from_ok(cls, data: Any) -> Any:
+        """A check built with ``ok`` alone fails when not ok."""
+        if isinstance(data, dict) and data.get("status") is None:
+            data = {**data, "status": "ok" if data.get("ok") else "fail"}
+        return data

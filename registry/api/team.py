@@ -191,7 +191,7 @@ class Team:
         settings = Settings.resolve(home, hub_endpoint=endpoint)
         checks = [check_database(settings)]
         if checks[0].ok:
-            checks.append(check_names(settings))
+            checks += check_names(settings)
         store = open_store(settings.store, home=settings.home)
         checks.append(check_store(store))
         if hasattr(store, "cache_info"):
@@ -243,9 +243,10 @@ def check_database(settings: Settings) -> HealthCheck:
     return HealthCheck(name="database", ok=True, detail=f"{where} reachable, schema {revision}", fix=None)
 
 
-def check_names(settings: Settings) -> HealthCheck:
-    """Names registered before the naming rules (a segment that reads as a number, names equal
-    ignoring case): they keep working, but `NS/NAME` in an expression may not mean them."""
+def check_names(settings: Settings) -> list[HealthCheck]:
+    """A warning listing the names registered before the naming rules (a part that reads as a
+    number, names equal ignoring case), if any: they keep working, but `NS/NAME` in an
+    expression may not mean them."""
     engine = make_engine(settings.database_url)
     try:
         with engine.connect() as connection:
@@ -262,13 +263,13 @@ def check_names(settings: Settings) -> HealthCheck:
     numeric = [str(name) for name in names if number_segment(name) is not None]
     same_but_case = [" = ".join(group) for group in spellings.values() if len(group) > 1]
     if not numeric and not same_but_case:
-        return HealthCheck(name="names", ok=True, detail=f"{len(names)} names follow the naming rules", fix=None)
+        return []  # nothing to say
     found = [f"a part reads as a number: {', '.join(numeric)}"] if numeric else []
     found += [f"equal ignoring case: {'; '.join(same_but_case)}"] if same_but_case else []
-    return HealthCheck(
-        name="names", ok=False, warning=True, detail="registered before the naming rules: " + "; ".join(found),
+    return [HealthCheck(
+        name="names", ok=False, status="warn", detail="registered before the naming rules: " + "; ".join(found),
         fix="they keep working; refer to them as NS/NAME@VERSION or sha256:, and give new modules other names",
-    )
+    )]
 
 
 def make_url_safe(url: str) -> str:
@@ -309,6 +310,7 @@ def check_hub(endpoint: str) -> HealthCheck:
         pass  # any HTTP answer (401 without a token) means the endpoint is there
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        return HealthCheck(name="hub", ok=False, detail=f"{endpoint} unreachable ({reason})",
-                           fix="check HF_ENDPOINT and the network (only pull, push and sync need it)")
+        return HealthCheck(name="hub", ok=False, status="warn",
+                           detail=f"{endpoint} unreachable ({reason}); only pull, push and sync need it",
+                           fix="check HF_ENDPOINT and the network")
     return HealthCheck(name="hub", ok=True, detail=f"{endpoint} reachable", fix=None)
