@@ -27,7 +27,6 @@ from registry.errors import (
     UnsafeFormatError,
 )
 from registry.refs import (
-    NAME_HINT,
     ModuleName,
     number_segment,
 )
@@ -218,8 +217,8 @@ def check_new_name(session: Session, name: ModuleName) -> None:
     segment = number_segment(name)
     if segment is not None:
         raise InvalidNameError(
-            f"invalid module name {str(name)!r}: {segment!r} reads as a number, which an expression "
-            f"could not tell from a module; {NAME_HINT}, with a letter in each part"
+            f"invalid module name {str(name)!r}: {segment!r} reads as a number, and an expression must "
+            "tell numbers from modules: choose a part that is not a number (e.g. 'v2' rather than '2')"
         )
     live = exists().where(Module.namespace == NameCounter.namespace, Module.name == NameCounter.name)
     spellings = session.execute(
