@@ -180,7 +180,8 @@ def add(registry: Any, path: str, name: str, tags: tuple[str, ...], as_json: boo
 @click.option("--rank", type=int, help="Only LoRA modules of this rank.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only modules with this tag; repeatable.")
 @click.option("--kind", type=click.Choice(["trained", "derived", "ported", "pulled"]), help="Only this kind.")
-@click.option("--derived-from", help="Only modules derived (transitively) from this reference.")
+@click.option("--derived-from", help="Only modules derived (transitively) from this reference.",
+              shell_complete=complete_reference)
 @click.option("--latest", is_flag=True, help="Only the latest version of each name.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many (in name order).")
 @json_option

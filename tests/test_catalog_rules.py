@@ -179,6 +179,9 @@ def test_rm_refuses_a_bare_name_and_a_dry_run_refuses_what_rm_would(registry, ad
     assert refs(registry.list()) == ["team/a@1", "team/a@2", "team/sum@1"]
     with pytest.raises(UnknownModuleError, match="did you mean team/a"):
         registry.remove("team/aa")
+    # a digest names one version too
+    digest = registry.get("team/sum").digest
+    assert registry.remove(f"sha256:{digest}", dry_run=True).ref == "team/sum@1"
 
 
 # --- new versions keep the task and tags of the previous one -------------------------------------
