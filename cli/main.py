@@ -726,7 +726,8 @@ def alias_list(registry: Any, name: str | None, as_json: bool) -> None:
     for a in aliases:
         click.echo(f"{a.alias} -> {a.ref}")
     if not aliases:
-        click.echo(f"{name + ' has no aliases' if name else 'no aliases'} (`pem alias set NS/NAME ALIAS VERSION` sets one)")
+        none = f"{name} has no aliases" if name else "no aliases"
+        click.echo(f"{none} (`pem alias set NS/NAME ALIAS VERSION` sets one)")
 
 
 @alias.command("log")
@@ -803,7 +804,7 @@ def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
     else:
         for c in checks:
             click.echo(f"{'ok' if c.ok else c.status.upper():<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
-    if any(c.status == "fail" for c in checks):  # a warning (no Hub) does not fail doctor  # the Hub is optional: only pull, push and sync need it
+    if any(c.status == "fail" for c in checks):  # a warning (no Hub) does not fail doctor
         sys.exit(1)
 
 

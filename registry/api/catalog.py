@@ -373,7 +373,9 @@ class Catalog:
                     (kind, row.kind),
                 ]
                 conditions = [column == value for value, column in given if value is not None]
-                conditions += [row.tags.any((Tag.key == key) & (Tag.value == value)) for key, value in (tags or {}).items()]
+                conditions += [
+                    row.tags.any((Tag.key == key) & (Tag.value == value)) for key, value in (tags or {}).items()
+                ]
                 if root is not None:
                     conditions += [row.id.in_(descendants), row.id != root.id]
                 return conditions
@@ -415,13 +417,16 @@ class Catalog:
                     .order_by(Module.version.desc())
                 )
                 labels = session.scalars(
-                    select(AliasRow.alias).where(AliasRow.namespace == namespace, AliasRow.name == rest).order_by(AliasRow.alias)
+                    select(AliasRow.alias).where(AliasRow.namespace == namespace, AliasRow.name == rest)
+                    .order_by(AliasRow.alias)
                 )
                 found = [f"{name}@{v}" for v in [*map(str, versions), *labels] if v.startswith(selector)]
             else:
                 query = select(Module.namespace, Module.name).distinct()
-                query = query.where(Module.namespace == namespace, Module.name.startswith(rest, autoescape=True)) if slash \
-                    else query.where(Module.namespace.startswith(namespace, autoescape=True))
+                if slash:
+                    query = query.where(Module.namespace == namespace, Module.name.startswith(rest, autoescape=True))
+                else:
+                    query = query.where(Module.namespace.startswith(namespace, autoescape=True))
                 found = [f"{ns}/{n}" for ns, n in session.execute(query.order_by(Module.namespace, Module.name))]
         return found[:limit]
 
@@ -489,7 +494,10 @@ class Catalog:
             raise PemError(f"export target {target} exists and is not a folder: choose a folder")
         present = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if os.path.lexists(target / name)]
         if present and not force:
-            raise PemError(f"{target} already holds {' and '.join(present)}: pass --force to replace them, or choose another folder")
+            raise PemError(
+                f"{target} already holds {' and '.join(present)}: "
+                "pass --force to replace them, or choose another folder"
+            )
         with self._session() as session:
             module = self._resolve(session, ref)
             config, digest = module.config, module.digest
@@ -510,7 +518,9 @@ class Catalog:
             if created and target.is_dir() and not any(target.iterdir()):
                 target.rmdir()
             if isinstance(exc, OSError):
-                raise PemError(f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write") from None
+                raise PemError(
+                    f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write"
+                ) from None
             raise
         return target
 
@@ -526,9 +536,10 @@ class Catalog:
                     select(Module.version).where(Module.namespace == module.namespace, Module.name == module.name)
                     .order_by(Module.version)
                 ).all()
+                listed = f"version{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))}"
                 raise InvalidNameError(
-                    f"{ref} names no version: remove one at a time, e.g. `pem rm {module.ref}` "
-                    f"({module.full_name} has version{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))})"
+                    f"{ref} names no version: remove one at a time, "
+                    f"e.g. `pem rm {module.ref}` ({module.full_name} has {listed})"
                 )
             dependents = session.scalars(
                 select(Module).join(DerivationInput, DerivationInput.module_id == Module.id)

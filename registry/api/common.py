@@ -55,7 +55,9 @@ def parse_tag(text: str) -> tuple[str, str]:
 
 
 # Column sizes of the catalog, checked before anything is written.
-MAX_LENGTHS = {"description": 4096, "task": 128, "base_model": 255, "base_revision": 255, "task_type": 64, "peft_type": 32}
+MAX_LENGTHS = {
+    "description": 4096, "task": 128, "base_model": 255, "base_revision": 255, "task_type": 64, "peft_type": 32,
+}
 MAX_TAG_VALUE = 512
 
 
@@ -223,7 +225,8 @@ def check_new_name(session: Session, name: ModuleName) -> None:
     live = exists().where(Module.namespace == NameCounter.namespace, Module.name == NameCounter.name)
     spellings = session.execute(
         select(NameCounter.namespace, NameCounter.name).where(
-            func.lower(NameCounter.namespace) == name.namespace.lower(), func.lower(NameCounter.name) == name.name.lower(),
+            func.lower(NameCounter.namespace) == name.namespace.lower(),
+            func.lower(NameCounter.name) == name.name.lower(),
             live,
         ).order_by(NameCounter.namespace, NameCounter.name)
     ).all()

@@ -113,7 +113,10 @@ class Team:
                 self._resolve(session, str(module_name))  # an unknown name is an error, with suggestions
                 query = query.where(AliasRow.namespace == module_name.namespace, AliasRow.name == module_name.name)
             rows = session.execute(query.order_by(AliasRow.namespace, AliasRow.name, AliasRow.alias)).all()
-        return [AliasInfo(alias=f"{ns}/{n}@{label}", ref=f"{ns}/{n}@{version}", version=version) for ns, n, label, version in rows]
+        return [
+            AliasInfo(alias=f"{ns}/{n}@{label}", ref=f"{ns}/{n}@{version}", version=version)
+            for ns, n, label, version in rows
+        ]
 
     def alias_log(self, name: str) -> list[AliasMove]:
         """Every move of every alias of ``name``, oldest first."""
