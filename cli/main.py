@@ -116,6 +116,21 @@ def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README).")(fn)
 
 
+def complete_reference(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of module names, then of versions and aliases after '@' (enabled as
+    the README says, through click's ``_PEM_COMPLETE``). Reads the catalog only; says nothing
+    when it cannot (no registry yet)."""
+    from click.shell_completion import CompletionItem
+
+    from registry import Registry
+
+    try:
+        with Registry.open(ctx.params.get("home")) as registry:
+            return [CompletionItem(ref) for ref in registry.complete_reference(incomplete)]
+    except Exception:  # a completion never prints an error into the user's command line
+        return []
+
+
 def with_registry(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Open the registry named by --home and pass it as the first argument."""
 
@@ -242,7 +257,8 @@ def add(registry: Any, path: str, name: str, tags: tuple[str, ...], as_json: boo
 @click.option("--rank", type=int, help="Only LoRA modules of this rank.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only modules with this tag; repeatable.")
 @click.option("--kind", type=click.Choice(["trained", "derived", "ported", "pulled"]), help="Only this kind.")
-@click.option("--derived-from", help="Only modules derived (transitively) from this reference.")
+@click.option("--derived-from", help="Only modules derived (transitively) from this reference.",
+              shell_complete=complete_reference)
 @click.option("--latest", is_flag=True, help="Only the latest version of each name.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many (in name order).")
 @json_option
@@ -267,7 +283,7 @@ def list_(registry: Any, tags: tuple[str, ...], as_json: bool, **filters: Any) -
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @json_option
 @with_registry
 def show(registry: Any, ref: str, as_json: bool) -> None:
@@ -315,22 +331,37 @@ def _rank_alpha(details: Any) -> str:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace adapter files already in DIRECTORY.")
 @with_registry
-def export(registry: Any, ref: str, directory: str) -> None:
-    """Write REF as a PEFT adapter folder DIRECTORY (new or empty)."""
-    target = registry.export(ref, directory)
+def export(registry: Any, ref: str, directory: str, force: bool) -> None:
+    """Write REF as a PEFT adapter folder DIRECTORY (created if needed; its other files are kept)."""
+    target = registry.export(ref, directory, force=force)
     click.echo(f"exported {registry.resolve(ref).ref} to {target}")
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", metavar="NS/NAME@VERSION", shell_complete=complete_reference)
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed, and the blob it would free.")
+@json_option
 @with_registry
-def rm(registry: Any, ref: str) -> None:
-    """Remove a module version (refused while modules derived from it exist)."""
-    info = registry.remove(ref)
-    click.echo(f"removed {info.ref}")
+def rm(registry: Any, ref: str, dry_run: bool, as_json: bool) -> None:
+    """Remove one module version (refused while modules derived from it exist, or an alias points at it)."""
+    removal = registry.remove(ref, dry_run=dry_run)
+    if as_json:
+        echo_json(removal)
+    elif not dry_run:
+        click.echo(f"removed {removal.ref}")
+    else:
+        records = [f"tags {' '.join(f'{k}={v}' for k, v in removal.tags.items())}"] if removal.tags else []
+        records += ["its provenance"] if removal.provenance else []
+        records += [f"{removal.hub_links} Hub link{'s' if removal.hub_links != 1 else ''}"] if removal.hub_links else []
+        click.echo(f"would remove {removal.ref}" + (f" ({'; '.join(records)})" if records else ""))
+        if removal.blob_freed:
+            click.echo(f"would free blob sha256:{removal.digest[:12]} ({human_size(removal.bytes_freed)})")
+        else:
+            click.echo(f"would keep blob sha256:{removal.digest[:12]}: also used by {', '.join(removal.blob_kept_for)}")
 
 
 # --- composition ------------------------------------------------------------------------------
@@ -438,7 +469,7 @@ class _progress:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (nodes and edges).")
 @click.option("--format", "fmt", type=click.Choice(["tree", "dot", "mermaid"]), default="tree", show_default=True)
 @with_registry
@@ -454,7 +485,7 @@ def lineage(registry: Any, ref: str, as_json: bool, fmt: str) -> None:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @json_option
 @with_registry
 def descendants(registry: Any, ref: str, as_json: bool) -> None:
@@ -471,7 +502,7 @@ def descendants(registry: Any, ref: str, as_json: bool) -> None:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @json_option
 @with_registry
 def contents(registry: Any, ref: str, as_json: bool) -> None:
@@ -494,7 +525,7 @@ def contents(registry: Any, ref: str, as_json: bool) -> None:
 
 
 @pem.command()
-@click.argument("ref", required=False)
+@click.argument("ref", required=False, shell_complete=complete_reference)
 @click.option("--all", "check_all", is_flag=True, help="Verify every module.")
 @json_option
 @with_registry
@@ -568,16 +599,21 @@ def base_show(registry: Any, base_model: str, as_json: bool) -> None:
     if as_json:
         echo_json(info)
         return
-    click.echo(f"base model    {info.model_id}{'@' + info.revision if info.revision else ''}")
-    click.echo(f"architecture  {info.architecture} ({info.model_type})")
-    for key, value in info.dimensions.items():
-        click.echo(f"{key:<14}{value}")
-    click.echo(f"structure     {f'{info.adaptable_modules} adaptable modules' if info.structure_known else 'unknown'}")
-    click.echo(f"adapters      {info.adapters}")
+    rows = [
+        ("base model", info.model_id + (f"@{info.revision}" if info.revision else "")),
+        ("architecture", info.architecture or "unknown (config.json names no architectures)"),
+        ("model type", info.model_type or "unknown (config.json has no model_type)"),
+        *((key, "unknown" if value is None else str(value)) for key, value in info.dimensions.items()),
+        ("structure", f"{info.adaptable_modules} adaptable modules" if info.structure_known else "unknown"),
+        ("adapters", str(info.adapters)),
+    ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.option("--to", "to", required=True, metavar="BASE_ID[@REV]", help="The host to port to (see `pem base add`).")
 @click.option("--name", help="NS/NAME of the ported module (required unless --dry-run).")
 @click.option("--dry-run", is_flag=True, help="Only report the compatibility level and its evidence.")
@@ -632,7 +668,7 @@ def pull(registry: Any, repo: str, tags: tuple[str, ...], as_json: bool, **optio
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.argument("repo", metavar="REPO_ID")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--branch", help="Push to this branch (created if needed).")
@@ -645,6 +681,8 @@ def push(registry: Any, ref: str, repo: str, as_json: bool, **options: Any) -> N
     result = registry.push(ref, repo, **options)
     if as_json:
         echo_json(result)
+    elif not result.changed:
+        click.echo(f"nothing changed: {result.url} ({result.branch} @ {result.commit[:12]}) already holds {result.ref}")
     else:
         click.echo(f"pushed {result.ref} to {result.url} ({result.branch} @ {result.commit[:12]})")
 
@@ -735,7 +773,7 @@ def alias() -> None:
 
 
 @alias.command("set")
-@click.argument("name", metavar="NS/NAME")
+@click.argument("name", metavar="NS/NAME", shell_complete=complete_reference)
 @click.argument("label", metavar="ALIAS")
 @click.argument("version", type=click.IntRange(min=1))
 @json_option
@@ -747,7 +785,7 @@ def alias_set(registry: Any, name: str, label: str, version: int, as_json: bool)
 
 
 @alias.command("rm")
-@click.argument("name", metavar="NS/NAME")
+@click.argument("name", metavar="NS/NAME", shell_complete=complete_reference)
 @click.argument("label", metavar="ALIAS")
 @with_registry
 def alias_rm(registry: Any, name: str, label: str) -> None:
@@ -756,8 +794,25 @@ def alias_rm(registry: Any, name: str, label: str) -> None:
     click.echo(f"removed {info.alias} (was {info.ref})")
 
 
+@alias.command("list")
+@click.argument("name", metavar="[NS/NAME]", required=False, shell_complete=complete_reference)
+@json_option
+@with_registry
+def alias_list(registry: Any, name: str | None, as_json: bool) -> None:
+    """List the aliases of NS/NAME, or of every name, and the version each points at."""
+    aliases = registry.list_aliases(name)
+    if as_json:
+        echo_json(aliases)
+        return
+    for a in aliases:
+        click.echo(f"{a.alias} -> {a.ref}")
+    if not aliases:
+        none = f"{name} has no aliases" if name else "no aliases"
+        click.echo(f"{none} (`pem alias set NS/NAME ALIAS VERSION` sets one)")
+
+
 @alias.command("log")
-@click.argument("name", metavar="NS/NAME")
+@click.argument("name", metavar="NS/NAME", shell_complete=complete_reference)
 @json_option
 @with_registry
 def alias_log(registry: Any, name: str, as_json: bool) -> None:
@@ -775,7 +830,7 @@ def alias_log(registry: Any, name: str, as_json: bool) -> None:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.argument("tags", nargs=-1, metavar="KEY=VALUE...")
 @click.option("--rm", "remove", multiple=True, metavar="KEY", help="Remove this tag; repeatable.")
 @json_option
@@ -787,7 +842,7 @@ def tag(registry: Any, ref: str, tags: tuple[str, ...], remove: tuple[str, ...],
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @click.argument("text", required=False)
 @click.option("--clear", is_flag=True, help="Remove the description.")
 @with_registry
@@ -800,7 +855,7 @@ def describe(registry: Any, ref: str, text: str | None, clear: bool) -> None:
 
 
 @pem.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_reference)
 @json_option
 @with_registry
 def history(registry: Any, ref: str, as_json: bool) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 from contextlib import contextmanager
@@ -270,16 +271,41 @@ def stage_push(folder: Path, config: dict[str, Any], weights: Path, card: str, s
     (folder / SIDECAR_FILENAME).write_text(sidecar.model_dump_json(by_alias=True, indent=2) + "\n")
 
 
-def upload(endpoint: str, repo_id: str, folder: Path, *, private: bool, branch: str | None, message: str) -> str:
-    """Create the repo (and branch) if needed and commit the folder; returns the commit id
-    (the existing head when nothing changed: the client then makes no commit)."""
+def upload(
+    endpoint: str, repo_id: str, folder: Path, *, private: bool, branch: str | None, message: str
+) -> tuple[str, bool]:
+    """Create the repo (and branch) if needed and commit the folder; returns the commit id and
+    whether a commit was made (the client makes none when nothing changed: the id is then the
+    existing head)."""
     client = api(endpoint)
     with hub_errors(repo_id):
         client.create_repo(repo_id, private=private, exist_ok=True)
         if branch:
             client.create_branch(repo_id, branch=branch, exist_ok=True)
-        info = client.upload_folder(repo_id=repo_id, folder_path=folder, revision=branch, commit_message=message)
-        return info.oid
+        head = client.repo_info(repo_id, revision=branch).sha
+        with _quiet_unchanged_upload():
+            info = client.upload_folder(repo_id=repo_id, folder_path=folder, revision=branch, commit_message=message)
+        return info.oid, info.oid != head
+
+
+class _DropUnchangedWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No files have been modified since last commit" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_unchanged_upload() -> Iterator[None]:
+    """Keep huggingface_hub's "Skipping to prevent empty commit" warning off stderr: pem says
+    itself that nothing changed. Only that message is dropped, from the two loggers that emit it."""
+    loggers = [logging.getLogger(f"huggingface_hub.{name}") for name in ("hf_api", "_upload_pipeline")]
+    drop = _DropUnchangedWarning()
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 def remote_head(endpoint: str, repo_id: str, revision: str) -> str:

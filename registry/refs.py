@@ -97,6 +97,18 @@ def parse_module_name(text: str) -> ModuleName:
     return ModuleName(match.group(1), match.group(2))
 
 
+def number_segment(name: ModuleName) -> str | None:
+    """The segment of ``name`` that reads as a number (``2``, ``1e5``, ``nan``, ``inf``), if
+    any. New names may not have one, so that ``2*1/2`` can never mean a module."""
+    for segment in (name.namespace, name.name):
+        try:
+            float(segment)
+        except ValueError:
+            continue
+        return segment
+    return None
+
+
 def parse_reference(text: str) -> Reference:
     """Parse a reference to a registered module (see the module docstring for the forms)."""
     stripped = text.strip()

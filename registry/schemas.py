@@ -299,6 +299,21 @@ class PushResult(BaseModel):
     branch: str
     commit: str
     url: str
+    changed: bool = Field(True, description="False when the branch already held this content: no commit was made")
+
+
+class Removal(BaseModel):
+    """``pem rm --json``: a removed version, or with ``dry_run`` the one that would be."""
+
+    ref: str
+    digest: str
+    dry_run: bool
+    tags: dict[str, str] = Field(description="removed with it, as is its metadata history")
+    provenance: bool = Field(description="it was derived: its derivation record is removed with it")
+    hub_links: int = Field(description="records of its pushes and pulls, removed with it")
+    blob_freed: bool = Field(description="its blob is deleted: no other module uses it")
+    bytes_freed: int
+    blob_kept_for: list[str] = Field(description="other modules holding the same blob (then kept)")
 
 
 class GcReport(BaseModel):

@@ -278,10 +278,12 @@ def test_remove_deletes_the_row_and_its_unshared_blob(catalog):
         catalog.get("team/bert")
 
 
-def test_remove_latest_by_name_removes_only_that_version(catalog):
-    catalog.remove("team/llama")
-    assert refs(catalog.list()) == ["other/ia3@1", "team/bert@1", "team/llama@1"]
-    assert catalog.resolve("team/llama").ref == "team/llama@1"
+def test_remove_by_name_alone_is_refused(catalog):
+    files = blob_files(catalog.settings.home)
+    with pytest.raises(InvalidNameError, match=r"team/llama names no version: .*pem rm team/llama@2.*versions 1, 2"):
+        catalog.remove("team/llama")
+    assert refs(catalog.list()) == ALL
+    assert blob_files(catalog.settings.home) == files
 
 
 def test_remove_keeps_a_blob_another_module_uses(catalog, ad):
@@ -291,7 +293,7 @@ def test_remove_keeps_a_blob_another_module_uses(catalog, ad):
     catalog.remove("other/ia3@1")
     assert blob_path(home, digest).is_file()
     assert catalog.get("team/ia3-copy").digest == digest
-    catalog.remove("team/ia3-copy")
+    catalog.remove("team/ia3-copy@1")
     assert not blob_path(home, digest).exists()
     assert refs(catalog.list()) == ["team/bert@1", "team/llama@1", "team/llama@2"]
 
@@ -345,7 +347,7 @@ def test_remove_refuses_a_module_others_were_derived_from(catalog):
 def test_remove_unknown_or_invalid_reference(catalog):
     files = blob_files(catalog.settings.home)
     with pytest.raises(UnknownModuleError):
-        catalog.remove("team/nothing")
+        catalog.remove("team/nothing@1")
     with pytest.raises(UnknownModuleError):
         catalog.remove("team/llama@9")
     with pytest.raises(InvalidNameError):

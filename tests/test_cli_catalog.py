@@ -275,14 +275,18 @@ def test_export(filled, ad, tmp_path):
         assert torch.equal(exported[name], original[name]), name
 
 
-def test_export_refuses_a_non_empty_folder(filled, registry, tmp_path):
+def test_export_into_a_folder_keeps_its_files_and_refuses_to_overwrite_an_adapter(filled, registry, tmp_path):
     target = tmp_path / "busy"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    before = snapshot(registry)
-    assert_clean_error(filled("export", "team/llama", target))
-    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    ok(filled("export", "team/llama@1", target))
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "keep.txt"]
     assert (target / "keep.txt").read_text() == "mine"
+    exported = sha256_file(target / "adapter_model.safetensors")
+    assert exported == registry.get("team/llama@1").digest
+    before = snapshot(registry)
+    assert_clean_error(filled("export", "team/llama@2", target), "--force")
+    assert sha256_file(target / "adapter_model.safetensors") == exported
     assert snapshot(registry) == before
 
 
@@ -360,7 +364,7 @@ def test_home_option(ad, tmp_path, monkeypatch):
     ok(run("export", "team/x", tmp_path / "exported", "--home", home))
     assert (tmp_path / "exported" / WEIGHTS).is_file()
     assert_clean_error(run("list"), "pem init")  # PEM_HOME (elsewhere) has no registry
-    ok(run("rm", "team/x", "--home", home))
+    ok(run("rm", "team/x@1", "--home", home))
     assert as_json(run("list", "--json", "--home", home)) == []
     assert not blob_path(home, added["digest"]).exists()
 

@@ -238,7 +238,7 @@ def test_removing_the_ported_module_keeps_the_shared_blob(registry, home, tmp_pa
     folder = make_lora(tmp_path / "a", seed=1)
     original = registry.add(folder, "team/a")
     registry.port("team/a", Y_ID, "team/a-v2")
-    registry.remove("team/a-v2")
+    registry.remove("team/a-v2@1")
     assert [p.name for p in store_files(home)] == [original.digest[2:]]
     assert registry.verify().ok
     exported = registry.export("team/a", tmp_path / "out")
@@ -338,7 +338,7 @@ def test_end_to_end_port_compose_export_and_run_on_the_new_host(registry, tmp_pa
     assert report.ok, report.failures
     assert report.checked == 4
     with pytest.raises(ModuleInUseError, match="port/a@1"):
-        registry.remove("team/a")
+        registry.remove("team/a@1")
     assert registry.resolve("team/a").digest == a.digest
     assert registry.resolve("port/a").digest == ported.digest == a.digest
     assert b.base_model == Y_ID
@@ -442,6 +442,6 @@ def test_a_pulled_ported_module_is_not_derived_from_itself(registry, hub, tmp_pa
         assert [e.method for e in lineage.edges] == ["port"]
         assert "team/a@1" in lineage.edges[0].input
         assert other.descendants("them/a") == []
-        other.remove("them/a")  # nothing was derived from it
+        other.remove("them/a@1")  # nothing was derived from it
         assert other.list() == []
         assert pulled.kind == "pulled"

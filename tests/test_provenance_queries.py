@@ -529,29 +529,29 @@ def test_remove_refused_while_descendants_exist_then_top_down(catalog, home):
 
     digest_a = catalog.resolve("lab/a").digest
     with pytest.raises(ModuleInUseError, match=r"cannot remove lab/a@1: .*lab/c@1.*lab/d@1.*lab/m@1"):
-        catalog.remove("lab/a")
+        catalog.remove(A)
     with pytest.raises(ModuleInUseError, match=r"cannot remove lab/c@1"):
-        catalog.remove("lab/c")
+        catalog.remove(C)
     assert len(catalog.list()) == 8  # nothing removed
     assert blob_path(home, digest_a).is_file()
     for ref in (F, S, E, D, C, M):  # top-down: each has no descendants left when removed
         assert catalog.remove(ref).ref == ref
     assert catalog.descendants("lab/a") == []
-    assert catalog.remove("lab/a").ref == A
+    assert catalog.remove(A).ref == A
     assert not blob_path(home, digest_a).exists()
     assert refs(catalog.list()) == [B]
 
 
 def test_remove_refused_through_the_cli(catalog, run_pem):
-    result = run_pem("rm", "lab/m")
+    result = run_pem("rm", M)
     assert result.exit_code == 1
     assert result.stdout == ""
     assert result.stderr.startswith("error: cannot remove lab/m@1")
     assert "lab/f@1" in result.stderr and "lab/s@1" in result.stderr
     assert M in refs(catalog.list())
-    for ref in ("lab/f", "lab/s"):
+    for ref in (F, S):
         assert run_pem("rm", ref).exit_code == 0
-    removed = run_pem("rm", "lab/m")
+    removed = run_pem("rm", M)
     assert removed.exit_code == 0, removed.output
     assert removed.stdout.strip() == f"removed {M}"
     assert catalog.descendants("lab/a") and M not in refs(catalog.list())

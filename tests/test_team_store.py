@@ -275,7 +275,7 @@ def test_add_compose_export_verify_gc(monkeypatch, tmp_path, database_url, s3_se
         assert reg.verify().ok
 
         # removing a module deletes its object and its cached copy
-        reg.remove("team/mix")
+        reg.remove("team/mix@1")
         assert blob_key(mix.digest) not in live_keys(s3_server, bucket)
         assert not reg.store.cache.path(mix.digest).exists()
     finally:

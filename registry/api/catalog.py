@@ -6,8 +6,8 @@ import difflib
 import json
 import os
 import random
+import secrets
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,8 +28,11 @@ from registry.api.common import (
     aliases_of,
     canonical_json_digest,
     check_lengths,
+    check_new_name,
     file_sha256,
     info_fields,
+    inherited_metadata,
+    lock_name,
     module_details,
     module_info,
     next_version,
@@ -51,6 +54,7 @@ from registry.db.models import Alias as AliasRow
 from registry.db.models import (
     Blob,
     DerivationInput,
+    HubLink,
     Module,
     Tag,
 )
@@ -59,6 +63,7 @@ from registry.errors import (
     BlobStoreError,
     DatabaseError,
     InvalidAdapterError,
+    InvalidNameError,
     ModuleInUseError,
     PemError,
     RegistryNotInitializedError,
@@ -74,6 +79,7 @@ from registry.safetensors_io import copy_canonical
 from registry.schemas import (
     ModuleDetails,
     ModuleInfo,
+    Removal,
 )
 from registry.store import BlobStore, open_store
 
@@ -176,7 +182,8 @@ class Catalog:
         """
         module_name = parse_module_name(name)
         tag_pairs = parse_tags(tags)
-        check_lengths(task=task, base_model=base_model, base_revision=base_revision)
+        check_lengths(task=task, base_model=base_model, base_revision=base_revision, description=description)
+        self._check_new_name_early(module_name)
         folder = Path(path)
         config, metadata, digest, size = self._ingest(folder, base_model, base_revision, allow_nonfinite)
         return self._register(
@@ -191,6 +198,16 @@ class Catalog:
             description=description,
             source={"path": str(folder.absolute()), "file_sha256": file_sha256(folder / WEIGHTS_FILE)},
         )
+
+    def _check_new_name_early(self, name: ModuleName) -> None:
+        """The rules for a new name (:func:`check_new_name`), before any blob is written; they
+        are checked again when registering, under the name's lock."""
+        with self._session() as session:
+            held = session.scalar(
+                select(Module.id).where(Module.namespace == name.namespace, Module.name == name.name).limit(1)
+            )
+            if held is None:
+                check_new_name(session, name)
 
     def _ingest(
         self, folder: Path, base_model: str | None = None, base_revision: str | None = None,
@@ -250,6 +267,14 @@ class Catalog:
                     ).first()
                     if existing is not None:
                         return module_info(existing, created=False)
+                    lock_name(session, name)
+                    previous = session.scalars(
+                        select(Module).where(Module.namespace == name.namespace, Module.name == name.name)
+                        .order_by(Module.version.desc())
+                    ).first()
+                    if previous is None:
+                        check_new_name(session, name)
+                    row_task, row_tags = inherited_metadata(previous, task, tags)
                     if session.get(Blob, digest) is None:
                         session.add(Blob(digest=digest, size_bytes=size_bytes))
                     if not self.store.exists(digest):  # collected by a concurrent `pem gc`
@@ -268,7 +293,7 @@ class Catalog:
                         base_model=metadata.base_model or "",
                         base_revision=metadata.base_revision,
                         task_type=metadata.task_type,
-                        task=task,
+                        task=row_task,
                         rank=metadata.rank,
                         lora_alpha=metadata.lora_alpha,
                         use_rslora=metadata.use_rslora,
@@ -282,7 +307,7 @@ class Catalog:
                         description=description,
                         owner=self.settings.user,
                         source=source,
-                        tags=[Tag(key=k, value=v) for k, v in tags],
+                        tags=[Tag(key=k, value=v) for k, v in row_tags],
                     )
                     session.add(module)
                     session.flush()
@@ -332,48 +357,78 @@ class Catalog:
         limit: int | None = None,
     ) -> list[ModuleInfo]:
         """Registered modules matching every given filter, by name then version.
-        ``derived_from`` keeps modules made (transitively) from that reference; ``limit``
-        returns at most that many."""
-        query = select(*INFO_COLUMNS)
-        if base_model is not None:
-            query = query.where(Module.base_model == base_model)
-        if peft_type is not None:
-            query = query.where(Module.peft_type == peft_type.upper().replace("(IA)^3", "IA3"))
-        if task is not None:
-            query = query.where(Module.task == task)
-        if rank is not None:
-            query = query.where(Module.rank == rank)
-        if kind is not None:
-            query = query.where(Module.kind == kind)
-        for key, value in (tags or {}).items():
-            query = query.where(Module.tags.any((Tag.key == key) & (Tag.value == value)))
-        if latest:
-            newer = aliased(Module)
-            query = query.where(
-                ~select(newer.id).where(
-                    newer.namespace == Module.namespace, newer.name == Module.name, newer.version > Module.version
-                ).exists()
-            )
+        ``derived_from`` keeps modules made (transitively) from that reference; ``latest``
+        keeps, of each name, the newest version among those that match; ``limit`` returns at
+        most that many."""
+        peft_type = peft_type.upper().replace("(IA)^3", "IA3") if peft_type is not None else None
         with self._session() as session:
-            if derived_from is not None:
-                root = self._resolve(session, derived_from)
-                ids = lineage_queries.descendant_ids(root.id)
-                query = query.where(Module.id.in_(select(ids.c.id)), Module.id != root.id)
+            root = self._resolve(session, derived_from) if derived_from is not None else None
+            descendants = select(lineage_queries.descendant_ids(root.id).c.id) if root is not None else None
+
+            def matching(row: Any) -> list[Any]:
+                """The filters, on ``Module`` or an alias of it (``--latest`` compares versions
+                among the matches only)."""
+                given = [
+                    (base_model, row.base_model), (peft_type, row.peft_type), (task, row.task), (rank, row.rank),
+                    (kind, row.kind),
+                ]
+                conditions = [column == value for value, column in given if value is not None]
+                conditions += [
+                    row.tags.any((Tag.key == key) & (Tag.value == value)) for key, value in (tags or {}).items()
+                ]
+                if root is not None:
+                    conditions += [row.id.in_(descendants), row.id != root.id]
+                return conditions
+
+            query = select(*INFO_COLUMNS).where(*matching(Module))
+            if latest:
+                newer = aliased(Module)
+                query = query.where(
+                    ~select(newer.id).where(
+                        newer.namespace == Module.namespace, newer.name == Module.name, newer.version > Module.version,
+                        *matching(newer),
+                    ).exists()
+                )
             rows = session.execute(query.order_by(Module.namespace, Module.name, Module.version).limit(limit)).all()
             tags_by_module: dict[int, dict[str, str]] = {}
             aliases: dict[int, list[str]] = {}
             if rows:
-                matching = [row.id for row in rows] if limit is not None else query.with_only_columns(Module.id)
+                ids = [row.id for row in rows] if limit is not None else query.with_only_columns(Module.id)
                 for tag in session.execute(
-                    select(Tag.module_id, Tag.key, Tag.value).where(Tag.module_id.in_(matching)).order_by(Tag.key)
+                    select(Tag.module_id, Tag.key, Tag.value).where(Tag.module_id.in_(ids)).order_by(Tag.key)
                 ):
                     tags_by_module.setdefault(tag.module_id, {})[tag.key] = tag.value
-                aliases = aliases_of(session, matching)
+                aliases = aliases_of(session, ids)
         # Rows come from typed columns: construct without re-validating each field.
         return [
             ModuleInfo.model_construct(**info_fields(row, tags_by_module.get(row.id, {}), aliases.get(row.id, [])))
             for row in rows
         ]
+
+    def complete_reference(self, prefix: str, limit: int = 100) -> list[str]:
+        """References starting with ``prefix``, for shell completion: ``NS/NAME`` of
+        registered names, or after ``NAME@`` its versions (newest first) and aliases."""
+        name, at, selector = prefix.partition("@")
+        namespace, slash, rest = name.partition("/")
+        with self._session() as session:
+            if at:
+                versions = session.scalars(
+                    select(Module.version).where(Module.namespace == namespace, Module.name == rest)
+                    .order_by(Module.version.desc())
+                )
+                labels = session.scalars(
+                    select(AliasRow.alias).where(AliasRow.namespace == namespace, AliasRow.name == rest)
+                    .order_by(AliasRow.alias)
+                )
+                found = [f"{name}@{v}" for v in [*map(str, versions), *labels] if v.startswith(selector)]
+            else:
+                query = select(Module.namespace, Module.name).distinct()
+                if slash:
+                    query = query.where(Module.namespace == namespace, Module.name.startswith(rest, autoescape=True))
+                else:
+                    query = query.where(Module.namespace.startswith(namespace, autoescape=True))
+                found = [f"{ns}/{n}" for ns, n in session.execute(query.order_by(Module.namespace, Module.name))]
+        return found[:limit]
 
     def resolve(self, ref: str) -> ModuleInfo:
         """What a reference points at (without layers and config)."""
@@ -418,54 +473,74 @@ class Catalog:
         if not matches:
             raise UnknownModuleError(f"no module has a digest starting with {prefix}")
         if len(matches) > 1:
-            listed = ", ".join(f"{m.ref} (sha256:{m.digest[:12]})" for m in matches[:10])
-            raise AmbiguousReferenceError(
-                f"sha256:{prefix} matches {len(matches)} modules: {listed}; use a longer prefix or NS/NAME@VERSION"
-            )
+            raise AmbiguousReferenceError(ambiguous_digest_message(prefix, matches))
         return matches[0]
 
     @staticmethod
     def _suggest(session: Session, wanted: str) -> str:
-        names = session.execute(select(Module.namespace, Module.name).distinct()).all()
-        close = difflib.get_close_matches(wanted, [f"{ns}/{n}" for ns, n in names], n=3, cutoff=0.6)
+        names = [f"{ns}/{n}" for ns, n in session.execute(select(Module.namespace, Module.name).distinct())]
+        close = closest_names(wanted, names)
         return f"; did you mean {', '.join(close)}?" if close else ""
 
     # --- exporting and removing ---------------------------------------------------------------
 
-    def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``
-        (new or empty), a folder that ``PeftModel.from_pretrained`` loads."""
+    def export(self, ref: str, directory: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``,
+        a folder that ``PeftModel.from_pretrained`` loads. The folder is created if needed; an
+        existing one keeps its mode and its other files, and adapter files already in it are
+        replaced only with ``force``. New files follow the umask."""
         target = Path(directory)
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise PemError(f"export target {target} exists and is not an empty folder: choose a new folder")
+        if target.exists() and not target.is_dir():
+            raise PemError(f"export target {target} exists and is not a folder: choose a folder")
+        present = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if os.path.lexists(target / name)]
+        if present and not force:
+            raise PemError(
+                f"{target} already holds {' and '.join(present)}: "
+                "pass --force to replace them, or choose another folder"
+            )
         with self._session() as session:
             module = self._resolve(session, ref)
             config, digest = module.config, module.digest
         blob = self.store.local_path(digest)
+        created = not target.exists()
+        staged: list[tuple[Path, Path]] = []  # (temporary file, final name), renamed once all are written
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".pem-export-", dir=target.parent))
-        except OSError as exc:
-            raise PemError(f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write") from None
-        try:
-            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            shutil.copyfile(blob, staging / WEIGHTS_FILE)
-            if target.exists():
+            target.mkdir(parents=True, exist_ok=True)
+            with new_file(target, WEIGHTS_FILE, staged) as out, open(blob, "rb") as source:
+                shutil.copyfileobj(source, out, 8 * 1024 * 1024)
+            with new_file(target, CONFIG_FILE, staged) as out:
+                out.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+            for temporary, final in staged:  # the weights first: a config never names weights not yet there
+                os.replace(temporary, final)
+        except BaseException as exc:
+            for temporary, _ in staged:
+                temporary.unlink(missing_ok=True)
+            if created and target.is_dir() and not any(target.iterdir()):
                 target.rmdir()
-            os.replace(staging, target)
-        except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise PemError(f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write") from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise PemError(
+                    f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write"
+                ) from None
             raise
         return target
 
-    def remove(self, ref: str) -> ModuleInfo:
-        """Delete a module version; refused while modules derived from it exist. Its blob is
-        deleted when no other module uses it."""
-        with self._write_session() as session:
-            module = self._resolve(session, ref)
+    def remove(self, ref: str, *, dry_run: bool = False) -> Removal:
+        """Delete one version, named as ``NS/NAME@N`` (or by its ``sha256:`` digest); refused
+        while modules derived from it exist or an alias points at it. Its blob is deleted when
+        no other module uses it. ``dry_run`` only says what would be removed."""
+        with (self._session() if dry_run else self._write_session()) as session:
+            parsed = parse_reference(ref)
+            module = self._resolve(session, parsed)
+            if parsed.module is not None and parsed.version is None and parsed.alias is None:
+                versions = session.scalars(
+                    select(Module.version).where(Module.namespace == module.namespace, Module.name == module.name)
+                    .order_by(Module.version)
+                ).all()
+                listed = f"version{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))}"
+                raise InvalidNameError(
+                    f"{ref} names no version: remove one at a time, "
+                    f"e.g. `pem rm {module.ref}` ({module.full_name} has {listed})"
+                )
             dependents = session.scalars(
                 select(Module).join(DerivationInput, DerivationInput.module_id == Module.id)
                 .where(DerivationInput.input_id == module.id).order_by(Module.id)
@@ -482,11 +557,23 @@ class Catalog:
                     f"cannot remove {module.ref}: alias {', '.join(labels)} points at it; "
                     "move it (`pem alias set`) or remove it (`pem alias rm`) first"
                 )
-            info = module_info(module)
             digest = module.digest
+            sharing = session.scalars(
+                select(Module).where(Module.digest == digest, Module.id != module.id)
+                .order_by(Module.namespace, Module.name, Module.version)
+            ).all()
+            orphan = not sharing
+            removal = Removal(
+                ref=module.ref, digest=digest, dry_run=dry_run, tags={t.key: t.value for t in module.tags},
+                provenance=module.derivation is not None,
+                hub_links=session.scalar(select(func.count()).where(HubLink.module_id == module.id)) or 0,
+                blob_freed=orphan, bytes_freed=self.store.size(digest) if orphan and self.store.exists(digest) else 0,
+                blob_kept_for=[m.ref for m in sharing],
+            )
+            if dry_run:
+                return removal
             session.delete(module)
             session.flush()
-            orphan = session.scalar(select(func.count()).where(Module.digest == digest)) == 0
             if orphan:
                 session.delete(session.get(Blob, digest))
         if orphan:  # after the commit: a crash here leaves a stray file, never a dangling row
@@ -494,7 +581,7 @@ class Catalog:
                 # A concurrent add of the same content may have registered it meanwhile.
                 if session.scalar(select(func.count()).where(Module.digest == digest)) == 0:
                     self.store.delete(digest)
-        return info
+        return removal
 
     @contextmanager
     def _blob_lock(self) -> Iterator[Session]:
@@ -505,6 +592,47 @@ class Catalog:
             if self.engine.dialect.name == "postgresql":
                 session.execute(text("LOCK TABLE blobs IN ACCESS EXCLUSIVE MODE"))
             yield session
+
+
+@contextmanager
+def new_file(folder: Path, name: str, staged: list[tuple[Path, Path]]) -> Iterator[Any]:
+    """A new temporary file in ``folder`` that will become ``name``, created with the mode the
+    umask gives (not mkstemp's 0600), recorded in ``staged``."""
+    temporary = folder / f".{name}.pem-{secrets.token_hex(6)}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    staged.append((temporary, folder / name))
+    with os.fdopen(fd, "wb") as out:
+        yield out
+
+
+def ambiguous_digest_message(prefix: str, matches: list[Module]) -> str:
+    """Every module a digest prefix matches, and how to pick one. A longer prefix helps only
+    when the matches have different digests; modules sharing one digest (a port, the same
+    tensors under two names) are told apart by name only."""
+    if len({m.digest for m in matches}) > 1:
+        listed = ", ".join(f"{m.ref} (sha256:{m.digest[:12]})" for m in matches)
+        how = "use a longer prefix, or pick one by NS/NAME@VERSION"
+    else:
+        listed = ", ".join(m.ref for m in matches)
+        how = f"they hold the same tensors, so pick one by NS/NAME@VERSION, e.g. {matches[0].ref}"
+    return f"sha256:{prefix} matches {len(matches)} modules: {listed}; {how}"
+
+
+SUGGESTION_CUTOFF = 0.6  # difflib's default: below it, suggestions are noise
+
+
+def closest_names(wanted: str, names: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` names most similar to ``wanted``, most similar first (case ignored, ties in
+    name order)."""
+    target = wanted.lower()
+    scored = []
+    for name in names:
+        matcher = difflib.SequenceMatcher(None, target, name.lower())
+        if matcher.real_quick_ratio() >= SUGGESTION_CUTOFF and matcher.quick_ratio() >= SUGGESTION_CUTOFF:
+            score = matcher.ratio()
+            if score >= SUGGESTION_CUTOFF:
+                scored.append((-score, name))
+    return [name for _, name in sorted(scored)[:n]]
 
 
 # --- reading adapter folders ------------------------------------------------------------------

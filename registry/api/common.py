@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.orm import Session
 
 from registry import lineage as lineage_queries
@@ -24,11 +24,13 @@ from registry.db.models import (
 from registry.errors import (
     InvalidAdapterError,
     InvalidNameError,
+    NameConflictError,
     UnknownModuleError,
     UnsafeFormatError,
 )
 from registry.refs import (
     ModuleName,
+    number_segment,
     too_long,
 )
 from registry.safetensors_io import SafetensorsHeader, read_header
@@ -58,7 +60,9 @@ def parse_tag(text: str) -> tuple[str, str]:
 
 
 # Column sizes of the catalog, checked before anything is written.
-MAX_LENGTHS = {"task": 128, "base_model": 255, "base_revision": 255, "task_type": 64, "peft_type": 32}
+MAX_LENGTHS = {
+    "description": 4096, "task": 128, "base_model": 255, "base_revision": 255, "task_type": 64, "peft_type": 32,
+}
 MAX_TAG_VALUE = 512
 
 
@@ -228,6 +232,53 @@ def next_version(session: Session, name: ModuleName) -> int:
         session.flush()
         taken = 1
     return taken
+
+
+def lock_name(session: Session, name: ModuleName) -> None:
+    """Serialize the registrations of names that are equal ignoring case, until the end of the
+    transaction. PostgreSQL: an advisory lock on the case-folded name (two spellings have two
+    counter rows, so the counter's row lock does not cover them); SQLite: BEGIN IMMEDIATE
+    already serializes every writer."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(str(name).lower().encode()).digest()[:8], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def check_new_name(session: Session, name: ModuleName) -> None:
+    """Refuse a name no module holds yet when a segment reads as a number, or when a name
+    equal ignoring case is registered (as on the Hub). Names that break these rules and were
+    registered before keep working."""
+    segment = number_segment(name)
+    if segment is not None:
+        raise InvalidNameError(
+            f"invalid module name {str(name)!r}: {segment!r} reads as a number, and an expression must "
+            "tell numbers from modules: choose a part that is not a number (e.g. 'v2' rather than '2')"
+        )
+    live = exists().where(Module.namespace == NameCounter.namespace, Module.name == NameCounter.name)
+    spellings = session.execute(
+        select(NameCounter.namespace, NameCounter.name).where(
+            func.lower(NameCounter.namespace) == name.namespace.lower(),
+            func.lower(NameCounter.name) == name.name.lower(),
+            live,
+        ).order_by(NameCounter.namespace, NameCounter.name)
+    ).all()
+    taken = [f"{ns}/{n}" for ns, n in spellings if (ns, n) != (name.namespace, name.name)]
+    if taken:
+        raise NameConflictError(
+            f"{name} differs from {', '.join(taken)} only in case, and names are unique ignoring case "
+            f"(as on the Hub): register it as {taken[0]}"
+        )
+
+
+def inherited_metadata(
+    previous: Module | None, task: str | None, tags: list[tuple[str, str]]
+) -> tuple[str | None, list[tuple[str, str]]]:
+    """A new version keeps the task and the tags of the newest version of its name, unless
+    given: a task given replaces the task, tags given replace all the tags."""
+    if previous is None:
+        return task, tags
+    kept_tags = tags or [(t.key, t.value) for t in previous.tags]
+    return (task if task is not None else previous.task), kept_tags
 
 
 def module_info(module: Module, created: bool = True, aliases: list[str] | None = None) -> ModuleInfo:

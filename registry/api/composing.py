@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from registry.adapters import adapter_type
 from registry.api.common import (
+    check_lengths,
     environment,
     module_info,
 )
@@ -103,6 +104,8 @@ class Composing:
         (``created`` False); another derivation under an existing name is refused unless
         ``new_version``."""
         output_name = parse_module_name(name)
+        check_lengths(description=description)
+        self._check_new_name_early(output_name)
         plan, _, _, violations = self._plan(expression, method, rank, dtype, union)
         if plan is None:
             raise IncompatibleModulesError(violations)

@@ -63,6 +63,7 @@ class HubSync:
         module_name = parse_module_name(name or hub.default_name(repo_id))
         tag_pairs = parse_tags(tags)
         check_lengths(task=task)
+        self._check_new_name_early(module_name)
         endpoint = (endpoint or self.settings.hub_endpoint).rstrip("/")
         commit, names = hub.resolve(repo_id, revision, endpoint)
         with self._session() as session:
@@ -134,13 +135,16 @@ class HubSync:
         weights = self.store.local_path(module.digest)
         with tempfile.TemporaryDirectory(prefix="pem-push-") as tmp:
             hub.stage_push(Path(tmp), config, weights, card, sidecar)
-            commit = hub.upload(endpoint, repo_id, Path(tmp), private=private, branch=branch,
-                                message=message or f"pem-registry: push {module_ref}")
+            commit, changed = hub.upload(endpoint, repo_id, Path(tmp), private=private, branch=branch,
+                                         message=message or f"pem-registry: push {module_ref}")
+        link = dict(module_id=module_id, direction="push", endpoint=endpoint, repo_id=repo_id,
+                    revision=branch or "main", commit=commit)
         with self._write_session() as session:
-            session.add(HubLink(module_id=module_id, direction="push", endpoint=endpoint, repo_id=repo_id,
-                                revision=branch or "main", commit=commit, weights_oid=hub.git_blob_oid(weights)))
+            # Pushing unchanged content again records nothing new.
+            if session.scalar(select(HubLink.id).filter_by(**link).limit(1)) is None:
+                session.add(HubLink(**link, weights_oid=hub.git_blob_oid(weights)))
         return PushResult(ref=module_ref, repo_id=repo_id, branch=branch or "main", commit=commit,
-                          url=f"{endpoint}/{repo_id}")
+                          url=f"{endpoint}/{repo_id}", changed=changed)
 
     def sync(self, *, pull: bool = False, endpoint: str | None = None) -> list[SyncStatus]:
         """For each pulled module, whether its repo moved on since the pinned commit; for each

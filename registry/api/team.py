@@ -15,6 +15,7 @@ from registry.api.common import (
     GC_GRACE_SECONDS,
     VERSION_RETRIES,
     aliases_of,
+    check_lengths,
     module_info,
     parse_tags,
     unknown_alias_error,
@@ -37,6 +38,8 @@ from registry.errors import (
     UnknownModuleError,
 )
 from registry.refs import (
+    ModuleName,
+    number_segment,
     parse_alias,
     parse_module_name,
 )
@@ -101,6 +104,22 @@ class Team:
                                    from_version=version, to_version=None, by=self.settings.user))
             return AliasInfo(alias=f"{module_name}@{label}", ref=f"{module_name}@{version}", version=version)
 
+    def list_aliases(self, name: str | None = None) -> list[AliasInfo]:
+        """The aliases of ``name`` (``NS/NAME``), or of every name, by name then label."""
+        query = select(AliasRow.namespace, AliasRow.name, AliasRow.alias, Module.version).join(
+            Module, Module.id == AliasRow.module_id
+        )
+        with self._session() as session:
+            if name is not None:
+                module_name = parse_module_name(name)
+                self._resolve(session, str(module_name))  # an unknown name is an error, with suggestions
+                query = query.where(AliasRow.namespace == module_name.namespace, AliasRow.name == module_name.name)
+            rows = session.execute(query.order_by(AliasRow.namespace, AliasRow.name, AliasRow.alias)).all()
+        return [
+            AliasInfo(alias=f"{ns}/{n}@{label}", ref=f"{ns}/{n}@{version}", version=version)
+            for ns, n, label, version in rows
+        ]
+
     def alias_log(self, name: str) -> list[AliasMove]:
         """Every move of every alias of ``name``, oldest first."""
         module_name = parse_module_name(name)
@@ -140,6 +159,7 @@ class Team:
 
     def describe(self, ref: str, description: str | None) -> ModuleInfo:
         """Replace a version's description (None clears it); recorded with time and author."""
+        check_lengths(description=description)
         with self._write_session() as session:
             module = self._resolve(session, ref)
             if module.description != description:
@@ -175,6 +195,8 @@ class Team:
         the cache healthy and the Hub endpoint reachable, each with the fix when not."""
         settings = Settings.resolve(home, hub_endpoint=endpoint)
         checks = [check_database(settings)]
+        if checks[0].ok:
+            checks += check_names(settings)
         store = open_store(settings.store, home=settings.home)
         checks.append(check_store(store))
         if hasattr(store, "cache_info"):
@@ -251,6 +273,35 @@ def check_database(settings: Settings) -> HealthCheck:
         return HealthCheck(name="database", ok=False, detail=f"{where} is at schema {revision}, this pem needs {SCHEMA_HEAD}",
                            fix="run `pem db upgrade`")
     return HealthCheck(name="database", ok=True, detail=f"{where} reachable, schema {revision}", fix=None)
+
+
+def check_names(settings: Settings) -> list[HealthCheck]:
+    """A warning listing the names registered before the naming rules (a part that reads as a
+    number, names equal ignoring case), if any: they keep working, but `NS/NAME` in an
+    expression may not mean them."""
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            names = [
+                ModuleName(ns, n) for ns, n in connection.execute(
+                    select(Module.namespace, Module.name).distinct().order_by(Module.namespace, Module.name)
+                )
+            ]
+    finally:
+        engine.dispose()
+    spellings: dict[str, list[str]] = {}
+    for name in names:
+        spellings.setdefault(str(name).lower(), []).append(str(name))
+    numeric = [str(name) for name in names if number_segment(name) is not None]
+    same_but_case = [" = ".join(group) for group in spellings.values() if len(group) > 1]
+    if not numeric and not same_but_case:
+        return []  # nothing to say
+    found = [f"a part reads as a number: {', '.join(numeric)}"] if numeric else []
+    found += [f"equal ignoring case: {'; '.join(same_but_case)}"] if same_but_case else []
+    return [HealthCheck(
+        name="names", ok=False, status="warn", detail="registered before the naming rules: " + "; ".join(found),
+        fix="they keep working; refer to them as NS/NAME@VERSION or sha256:, and give new modules other names",
+    )]
 
 
 def make_url_safe(url: str) -> str:
