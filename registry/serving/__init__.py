@@ -1,0 +1,1 @@
+"""Serving registry modules with an inference engine (vLLM): see :mod:`registry.serving.vllm_plugin`."""
