@@ -98,10 +98,12 @@ class OutputSummary(BaseModel):
     layers: int
     num_parameters: int
     size_bytes: int
+    estimated_seconds: float | None = Field(None, description="rough time to compute it, whole process")
+    estimated_peak_bytes: int | None = Field(None, description="rough peak resident memory computing it")
 
 
 class Deviation(BaseModel):
-    """Relative Frobenius error of the ``module`` method's dW against the exact sum."""
+    """Relative Frobenius error of the method's dW against the plain weighted sum of effects."""
 
     overall: float
     per_layer: dict[str, float]

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from registry.adapters.lora.merging import MERGES, MergeInput
 from registry.adapters.lora.plan import A_SUFFIX, B_SUFFIX
 
 SVD_THREADS = 1  # torch.linalg.svd differs between thread counts: pin it and record it
@@ -19,7 +20,7 @@ SVD_VERIFY_TOLERANCE = 1e-4
 
 
 def compute_layer(plan: Any, layer: str, loaded: list[dict[str, torch.Tensor] | None], work: torch.dtype):
-    """Output tensors of one layer, and additive statistics (svd truncation error)."""
+    """Output tensors of one layer, and additive statistics (truncation error)."""
     terms = [
         (i, tensors) for i, tensors in zip(plan.inputs, loaded) if tensors is not None
     ]
@@ -28,7 +29,7 @@ def compute_layer(plan: Any, layer: str, loaded: list[dict[str, torch.Tensor] | 
         return _module(layer, terms, work), {}
     if method == "exact":
         return _exact(layer, terms, work), {}
-    return _svd(plan, layer, terms, work)
+    return _truncated(plan, layer, terms, work)
 
 
 def _scaled(module: Any, layer: str) -> float:
@@ -65,29 +66,79 @@ def exact_delta(layer: str, terms: list, work: torch.dtype) -> torch.Tensor:
     return delta
 
 
-def _svd(plan: Any, layer: str, terms: list, work: torch.dtype):
-    delta = exact_delta(layer, terms, work)
+def _truncated(plan: Any, layer: str, terms: list, work: torch.dtype):
+    """Every truncating method: merge the inputs in full or core space, truncate by SVD."""
+    merge = MERGES[plan.method.name]
+    parameters = plan.parameters
     rank = plan.tensors[layer + A_SUFFIX][1][0]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(SVD_THREADS)
-    try:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    finally:
-        torch.set_num_threads(threads)
-    b = u[:, :rank] * s[:rank]  # U_k @ diag(S_k)
-    a = vh[:rank, :]
-    error = torch.linalg.matrix_norm(delta - b @ a).item()
-    norm = torch.linalg.matrix_norm(delta).item()
-    stats = {"error_sq": error**2, "norm_sq": norm**2, f"layer:{layer}": error / norm if norm else 0.0}
+    if plan.method.name == "svd" or parameters.get("space") == "core":
+        left, cores, right = core_space(terms, work, layer)
+        merged = merge(_merge_input(plan, layer, terms, cores))
+        u, s, vh = _pinned_svd(merged)
+        b, a = left @ (u[:, :rank] * s[:rank]), vh[:rank, :] @ right.T
+    else:
+        effects = [_effect(module, tensors, layer, work) for module, tensors in terms]
+        merged = merge(_merge_input(plan, layer, terms, effects))
+        del effects
+        u, s, vh = _pinned_svd(merged)
+        del merged
+        b, a = u[:, :rank] * s[:rank], vh[:rank, :]  # U_k @ diag(S_k), Vh_k
+    # The bases are orthonormal, so the error of the truncation is in the dropped singular values.
+    norm_sq = float(torch.sum(s.double() ** 2))
+    error_sq = float(torch.sum(s[rank:].double() ** 2))
+    stats = {"error_sq": error_sq, "norm_sq": norm_sq, f"layer:{layer}": (error_sq / norm_sq) ** 0.5 if norm_sq else 0.0}
     return {layer + A_SUFFIX: a, layer + B_SUFFIX: b}, stats
 
 
+def _merge_input(plan: Any, layer: str, terms: list, tensors: list[torch.Tensor]) -> MergeInput:
+    position = {id(module): n for n, module in enumerate(plan.inputs)}
+    return MergeInput(
+        tensors=tensors, weights=[float(module.b) for module, _ in terms],
+        positions=[position[id(module)] for module, _ in terms], layer=layer, parameters=plan.parameters,
+    )
+
+
+def _effect(module: Any, tensors: dict[str, torch.Tensor], layer: str, work: torch.dtype) -> torch.Tensor:
+    """dW_i = s_i * B_i @ A_i, without the coefficient (PEFT's get_delta_weight)."""
+    return (tensors["lora_B"].to(work) @ tensors["lora_A"].to(work)) * float(module.layers[layer]["scaling"])
+
+
+def core_space(terms: list, work: torch.dtype, layer: str = "") -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """(U_B, [M_i], V_A) with dW_i = U_B @ M_i @ V_A.T exactly (Panariello et al., NeurIPS 2025).
+
+    U_B (out x p) is the left singular basis of the stacked B_i = concat_cols(B_i), V_A (in x q)
+    that of the stacked A_i^T; each core M_i = s_i (U_B^T B_i)(A_i V_A) is p x q, with p, q at
+    most the sum of the ranks. The bases come from SVDs of tall, thin matrices: O((m+n)R^2)."""
+    b_cat = torch.cat([tensors["lora_B"].to(work) for _, tensors in terms], dim=1)
+    a_cat = torch.cat([tensors["lora_A"].to(work) for _, tensors in terms], dim=0)
+    u_b, s_b, vh_b = _pinned_svd(b_cat)
+    u_a, s_a, vh_a = _pinned_svd(a_cat.T)
+    coords_b = s_b[:, None] * vh_b  # B_cat = U_B @ coords_b
+    coords_a = s_a[:, None] * vh_a  # A_cat^T = V_A @ coords_a
+    cores, start = [], 0
+    for module, tensors in terms:
+        end = start + tensors["lora_A"].shape[0]
+        cores.append((coords_b[:, start:end] @ coords_a[:, start:end].T) * float(module.layers[layer]["scaling"]))
+        start = end
+    return u_b, cores, u_a
+
+
+def _pinned_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SVD_THREADS)
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def deviation(plan: Any, layer: str, loaded: list, work: torch.dtype) -> tuple[float, float]:
-    """(||dW_module - dW_exact||_F, ||dW_exact||_F) for one layer: how far the paper's
-    arithmetic is from the exact sum of effects (cross terms B_i @ A_j)."""
+    """(||dW_method - dW_exact||_F, ||dW_exact||_F) for one layer: how far the method's effect
+    is from the plain weighted sum of effects (cross terms for ``module``; pruning, sign
+    election and truncation for the others)."""
     terms = [(i, t) for i, t in zip(plan.inputs, loaded) if t is not None]
-    out = _module(layer, terms, work)
-    approx = out[layer + B_SUFFIX] @ out[layer + A_SUFFIX]
+    out, _ = compute_layer(plan, layer, loaded, work)
+    approx = out[layer + B_SUFFIX].to(work) @ out[layer + A_SUFFIX].to(work)
     exact = exact_delta(layer, terms, work)
     return torch.linalg.matrix_norm(approx - exact).item(), torch.linalg.matrix_norm(exact).item()
 
