@@ -172,7 +172,7 @@ class ContentTerm(BaseModel):
     kind: NodeKind
     a: float
     b: float
-    opaque: bool = Field(description="derived by a non-linear method (svd): its own contents are nested")
+    opaque: bool = Field(description="derived by a non-linear method (svd, ties, dare, magnitude_prune): its own contents are nested")
     contents: list["ContentTerm"] | None = None
 
 
@@ -180,7 +180,7 @@ class Contents(BaseModel):
     """``pem contents --json``."""
 
     root: str
-    root_linear: bool = Field(description="False when root was made by a non-linear method (svd): "
+    root_linear: bool = Field(description="False when root was made by a non-linear method (svd, ties, ...): "
                               "its terms are what it approximates")
     terms: list[ContentTerm]
 
