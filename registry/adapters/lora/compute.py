@@ -72,10 +72,10 @@ def _truncated(plan: Any, layer: str, terms: list, work: torch.dtype):
     parameters = plan.parameters
     rank = plan.tensors[layer + A_SUFFIX][1][0]
     if plan.method.name == "svd" or parameters.get("space") == "core":
-        left, cores, right = core_space(terms, work, layer)
-        merged = merge(_merge_input(plan, layer, terms, cores))
+        core = CoreSpace(terms, work, layer)
+        merged = merge(_merge_input(plan, layer, terms, core.cores))
         u, s, vh = _pinned_svd(merged)
-        b, a = left @ (u[:, :rank] * s[:rank]), vh[:rank, :] @ right.T
+        b, a = core.expand(u[:, :rank] * s[:rank], vh[:rank, :])
     else:
         effects = [_effect(module, tensors, layer, work) for module, tensors in terms]
         merged = merge(_merge_input(plan, layer, terms, effects))
@@ -103,24 +103,50 @@ def _effect(module: Any, tensors: dict[str, torch.Tensor], layer: str, work: tor
     return (tensors["lora_B"].to(work) @ tensors["lora_A"].to(work)) * float(module.layers[layer]["scaling"])
 
 
-def core_space(terms: list, work: torch.dtype, layer: str = "") -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """(U_B, [M_i], V_A) with dW_i = U_B @ M_i @ V_A.T exactly (Panariello et al., NeurIPS 2025).
+class CoreSpace:
+    """Core Space (Panariello et al., NeurIPS 2025): dW_i = U_B @ M_i @ V_A.T exactly.
 
-    U_B (out x p) is the left singular basis of the stacked B_i = concat_cols(B_i), V_A (in x q)
-    that of the stacked A_i^T; each core M_i = s_i (U_B^T B_i)(A_i V_A) is p x q, with p, q at
-    most the sum of the ranks. The bases come from SVDs of tall, thin matrices: O((m+n)R^2)."""
-    b_cat = torch.cat([tensors["lora_B"].to(work) for _, tensors in terms], dim=1)
-    a_cat = torch.cat([tensors["lora_A"].to(work) for _, tensors in terms], dim=0)
-    u_b, s_b, vh_b = _pinned_svd(b_cat)
-    u_a, s_a, vh_a = _pinned_svd(a_cat.T)
-    coords_b = s_b[:, None] * vh_b  # B_cat = U_B @ coords_b
-    coords_a = s_a[:, None] * vh_a  # A_cat^T = V_A @ coords_a
-    cores, start = [], 0
-    for module, tensors in terms:
-        end = start + tensors["lora_A"].shape[0]
-        cores.append((coords_b[:, start:end] @ coords_a[:, start:end].T) * float(module.layers[layer]["scaling"]))
-        start = end
-    return u_b, cores, u_a
+    U_B (out x p) is the left singular basis of the stacked B_cat = concat_cols(B_i), V_A
+    (in x q) that of A_cat^T = concat_rows(A_i)^T; each core M_i = s_i (U_B^T B_i)(A_i V_A) is
+    p x q, with p, q at most the sum of the ranks R. The bases are never formed: a thin QR
+    (Householder reflectors, ``geqrf``) of each stack, B_cat = Q_B R_B, and the SVD of the small
+    R_B = U' S' V'^T give U_B = Q_B U' and U_B^T B_cat = S' V'^T; ``expand`` applies Q_B to the
+    truncated result only. O((m + n) R^2) per layer instead of the O(mn min(m, n)) of a dense SVD.
+    """
+
+    def __init__(self, terms: list, work: torch.dtype, layer: str):
+        # B_cat^T and A_cat built row by row, so that their transposes are the column-major
+        # tall matrices LAPACK factors without another copy.
+        b_rows = torch.cat([tensors["lora_B"].to(work).T for _, tensors in terms], dim=0)
+        a_rows = torch.cat([tensors["lora_A"].to(work) for _, tensors in terms], dim=0)
+        self.left, coords_b = _thin_basis(b_rows.T)
+        self.right, coords_a = _thin_basis(a_rows.T)
+        self.cores, start = [], 0
+        for module, tensors in terms:
+            end = start + tensors["lora_A"].shape[0]
+            scaling = float(module.layers[layer]["scaling"])
+            self.cores.append((coords_b[:, start:end] @ coords_a[:, start:end].T) * scaling)
+            start = end
+
+    def expand(self, b_core: torch.Tensor, a_core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_B @ b_core, a_core @ V_A.T): factors in core coordinates back to the layer's."""
+        return _apply_basis(self.left, b_core), _apply_basis(self.right, a_core.T).T
+
+
+def _thin_basis(tall: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """For an m x R matrix X: (the basis U = Q U', implicit), and U^T X = S' V'^T (p x R)."""
+    reflectors, tau = torch.geqrf(tall)
+    p = min(tall.shape)
+    u, s, vh = _pinned_svd(reflectors[:p, :].triu())
+    return (reflectors, tau, u), s[:, None] * vh
+
+
+def _apply_basis(basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor], coords: torch.Tensor) -> torch.Tensor:
+    """U @ coords (m x k) for a basis from :func:`_thin_basis`: Q (U' coords), Q applied by its reflectors."""
+    reflectors, tau, u = basis
+    padded = coords.new_zeros((reflectors.shape[0], coords.shape[1]))
+    padded[: u.shape[0]] = u @ coords
+    return torch.ormqr(reflectors, tau, padded, left=True, transpose=False)
 
 
 def _pinned_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
