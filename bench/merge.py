@@ -76,7 +76,8 @@ def generate(spec: dict) -> dict:
         for layer in range(spec["layers"]):
             for proj, (fan_in, fan_out) in projections.items():
                 prefix = f"base_model.model.model.layers.{layer}.{proj}"
-                tensors[f"{prefix}.lora_A.weight"] = (torch.randn((16, fan_in), generator=generator) / fan_in**0.5).bfloat16()
+                a = torch.randn((16, fan_in), generator=generator) / fan_in**0.5
+                tensors[f"{prefix}.lora_A.weight"] = a.bfloat16()
                 tensors[f"{prefix}.lora_B.weight"] = (torch.randn((fan_out, 16), generator=generator) * 0.02).bfloat16()
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = {**adapter_config(), "target_modules": sorted(p.rpartition(".")[2] for p in projections)}
@@ -182,7 +183,7 @@ def measure_set(label: str, setup: dict, inputs: list[int], peft_layers: int | N
     return results
 
 
-def print_table(title: str, results: dict, inputs: list[int]) -> list[str]:
+def print_table(title: str, results: dict, inputs: list[int]) -> None:
     lines = [title, "",
              "| method | inputs | step s | proc s | peak MB | step / exact | truncation error | PEFT step s "
              "(merge s) | PEFT peak MB | PEFT / registry (step) |",
@@ -200,7 +201,6 @@ def print_table(title: str, results: dict, inputs: list[int]) -> list[str]:
             lines.append(f"| {name} | {n} | {r['step_s']:.2f} | {r['process_s']:.2f} | {r['step_peak_mb']:.0f} | "
                          f"{r['step_s'] / exact['step_s']:.2f}x | {error} | {peft_cells} |")
     print("\n".join(lines), flush=True)
-    return lines
 
 
 def main() -> None:
@@ -229,22 +229,18 @@ def main() -> None:
         runs.mkdir(exist_ok=True)
         all_projections = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".split(",")
         subset_projections = args.subset_projections.split(",")
-        print(f"generating {max(inputs)} subset adapters ({args.subset_layers} layer(s) x {', '.join(subset_projections)})",
-              flush=True)
+        shape = f"{args.subset_layers} decoder layer(s) x ({', '.join(subset_projections)})"
+        print(f"generating {max(inputs)} subset adapters: {shape}", flush=True)
         subset = worker({"kind": "generate", "workdir": str(workdir / "subset"), "layers": args.subset_layers,
                          "projections": subset_projections, "count": max(inputs), "seed": args.seed})
-        tables = []
         subset_results = measure_set("subset", subset, inputs, args.subset_layers, args, runs)
-        tables.append(print_table(
-            f"\nsubset: {args.subset_layers} decoder layer(s) x ({', '.join(subset_projections)}), rank 16 bf16 inputs, "
-            f"density {DENSITY}, dare seed {SEED}", subset_results, inputs))
+        print_table(f"\nsubset: {shape}, rank 16 bf16 inputs, density {DENSITY}, dare seed {SEED}", subset_results, inputs)
         if not args.no_whole:
             print(f"generating {max(inputs)} whole adapters ({args.layers} layers x 7 projections)", flush=True)
             whole = worker({"kind": "generate", "workdir": str(workdir / "whole"), "layers": args.layers,
                             "projections": all_projections, "count": max(inputs), "seed": args.seed})
             whole_results = measure_set("whole", whole, inputs, None, args, runs)
-            tables.append(print_table(f"\nwhole adapters: {args.layers} decoder layers x 7 projections (7B shapes)",
-                                      whole_results, inputs))
+            print_table(f"\nwhole adapters: {args.layers} decoder layers x 7 projections (7B shapes)", whole_results, inputs)
         threads = os.environ.get("OMP_NUM_THREADS", "torch's default")
         print(f"\ntorch threads: {threads}; the registry pins its SVDs to 1 thread; load average at start / end: "
               f"{load_start} / {load_average()}; total {time.perf_counter() - started:.0f} s")

@@ -317,7 +317,8 @@ def show(registry: Any, ref: str, as_json: bool) -> None:
         rows.append(("expression", p.canonical))
         rows.append(("method", p.method + "".join(f" {k}={v}" for k, v in p.parameters.items())))
         if p.results:
-            rows.append(("results", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.results.items())))
+            results = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.results.items())
+            rows.append(("results", " ".join(results)))
         for item in p.inputs:
             rows.append(("input", f"{item.ref}  b={item.b:g}  a={item.a:g}  sha256:{item.digest[:12]}"))
     width = max(len(k) for k, _ in rows)
@@ -377,7 +378,8 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="module: the paper's arithmetic on parameters; exact: concatenated ranks; svd: exact, "
                           "truncated; ties, dare_linear, dare_ties, magnitude_prune: PEFT's merges, truncated."),
         click.option("--rank", type=int, help="Output rank (truncating methods; default: the largest input rank)."),
-        click.option("--density", type=float, help="Fraction of entries each input keeps, in (0, 1] (ties, dare, magnitude_prune)."),
+        click.option("--density", type=float,
+                     help="Fraction of entries each input keeps, in (0, 1] (ties, dare, magnitude_prune)."),
         click.option("--seed", type=int, help="Seed of DARE's random drop mask (dare_linear, dare_ties; required)."),
         click.option("--majority-sign", type=click.Choice(["total", "frequency"]),
                      help="TIES's sign election (ties, dare_ties; default total)."),
@@ -395,7 +397,8 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @pem.command(cls=ExpressionCommand)
 @click.argument("expression")
 @composition_options
-@click.option("--deviation", is_flag=True, help="Read the tensors and measure how far the method is from the exact sum (LoRA).")
+@click.option("--deviation", is_flag=True,
+              help="Read the tensors and measure how far the method is from the exact sum (LoRA).")
 @json_option
 @with_registry
 def check(registry: Any, expression: str, as_json: bool, **options: Any) -> None:
@@ -419,7 +422,8 @@ def _print_report(report: Any) -> None:
         rank = f", rank {o.rank}" if o.rank else ""
         click.echo(f"output      {o.peft_type}{rank}, {o.layers} layers, {o.dtype}, {o.num_parameters:,} parameters, {human_size(o.size_bytes)}")
         if o.estimated_seconds is not None and o.estimated_peak_bytes is not None:
-            click.echo(f"estimate    about {o.estimated_seconds:g} s and {human_size(o.estimated_peak_bytes)} peak memory to compose")
+            click.echo(f"estimate    about {o.estimated_seconds:g} s and {human_size(o.estimated_peak_bytes)} peak memory "
+                       "to compose")
     for note in report.notes:
         click.echo(f"note        {note}")
     if report.deviation:

@@ -65,7 +65,9 @@ class Method:
             value = given.get(parameter.name)
             if value is None:
                 if parameter.required:
-                    raise UnsupportedMethodError(f"method {self.name!r} needs --{_option(parameter.name)}: {parameter.help}")
+                    raise UnsupportedMethodError(
+                        f"method {self.name!r} needs --{_option(parameter.name)}: {parameter.help}"
+                    )
                 value = parameter.default
             values[parameter.name] = None if value is None else _checked(self.name, parameter, value)
         return values

@@ -76,7 +76,8 @@ class FixedMasks:
         from registry.adapters.lora.merging import dare_mask
 
         matches = [key for key, value in self.candidates.items()
-                   if value.shape == tensor.shape and torch.allclose(value.to(tensor.dtype), tensor, rtol=1e-5, atol=1e-7)]
+                   if value.shape == tensor.shape
+                   and torch.allclose(value.to(tensor.dtype), tensor, rtol=1e-5, atol=1e-7)]
         assert len(matches) == 1, f"{len(matches)} inputs match the tensor PEFT prunes"
         layer, position = matches[0]
         self.used.append(matches[0])
@@ -84,7 +85,9 @@ class FixedMasks:
         return pruned / density if rescale else pruned
 
 
-def peft_merge(adapters: dict[str, Path], combination: str, monkeypatch=None, masks=None, **options) -> dict[str, torch.Tensor]:
+def peft_merge(
+    adapters: dict[str, Path], combination: str, monkeypatch=None, masks=None, **options
+) -> dict[str, torch.Tensor]:
     """PEFT's add_weighted_adapter over a, b, c with WEIGHTS: module -> delta (float64)."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -285,7 +288,8 @@ def test_check_estimates_and_measures_deviation_from_the_weighted_sum(reg, out, 
     merged = effects_of(out(reg.compose(EXPRESSION, "team/t", method="ties", density=DENSITY).ref))
     plain = {m: sum(WEIGHTS[k] * effects_of(adapters[k])[m] for k in "abc") for m in merged}
     for module in merged:
-        expected = float(torch.linalg.matrix_norm(merged[module] - plain[module]) / torch.linalg.matrix_norm(plain[module]))
+        difference = torch.linalg.matrix_norm(merged[module] - plain[module])
+        expected = float(difference / torch.linalg.matrix_norm(plain[module]))
         assert report.deviation.per_layer[PREFIX + module] == pytest.approx(expected, rel=1e-3)
     error = sum(float(torch.linalg.matrix_norm(merged[m] - plain[m])) ** 2 for m in merged)
     norm = sum(float(torch.linalg.matrix_norm(plain[m])) ** 2 for m in merged)

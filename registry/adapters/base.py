@@ -83,7 +83,9 @@ class AdapterType:
         """Time (``estimated_seconds``) and peak memory (``estimated_peak_bytes``) computing
         ``plan`` would take, from metadata. By default: start-up, reading every input once and
         an element-wise pass, holding one layer of each input and of the output."""
-        read = sum(math.prod(shape) * 4 for i in plan.inputs for layer in i.layers.values() for shape in layer["params"].values())
+        read = sum(
+            math.prod(shape) * 4 for i in plan.inputs for layer in i.layers.values() for shape in layer["params"].values()
+        )
         largest = max((math.prod(shape) * 4 for _, shape in plan.tensors.values()), default=0)
         return {
             "estimated_seconds": round(START_SECONDS + read / 1e9, 1),

@@ -86,7 +86,8 @@ def _truncated(plan: Any, layer: str, terms: list, work: torch.dtype):
     # The bases are orthonormal, so the error of the truncation is in the dropped singular values.
     norm_sq = float(torch.sum(s.double() ** 2))
     error_sq = float(torch.sum(s[rank:].double() ** 2))
-    stats = {"error_sq": error_sq, "norm_sq": norm_sq, f"layer:{layer}": (error_sq / norm_sq) ** 0.5 if norm_sq else 0.0}
+    relative = (error_sq / norm_sq) ** 0.5 if norm_sq else 0.0
+    stats = {"error_sq": error_sq, "norm_sq": norm_sq, f"layer:{layer}": relative}
     return {layer + A_SUFFIX: a, layer + B_SUFFIX: b}, stats
 
 

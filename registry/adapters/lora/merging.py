@@ -81,7 +81,9 @@ def prune_by_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
     return tensor.mul_(magnitude >= threshold)
 
 
-def dare_mask(seed: int, layer: str, position: int, shape: torch.Size, density: float, dtype: torch.dtype) -> torch.Tensor:
+def dare_mask(
+    seed: int, layer: str, position: int, shape: torch.Size, density: float, dtype: torch.dtype
+) -> torch.Tensor:
     """DARE's keep mask (1 with probability ``density``) for one input at one layer. Its
     generator is seeded from the recorded seed, the layer and the input's position, so a
     layer's mask does not depend on which layers were computed before it."""

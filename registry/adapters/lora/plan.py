@@ -55,7 +55,9 @@ def plan_output(inputs: list[Any], method: str, parameters: dict[str, Any], dtyp
     return TypePlan(layers=layers, tensors=tensors, config=config, parameters=resolved, notes=notes)
 
 
-def truncation_cap(method: str, parameters: dict[str, Any], present: list[dict], out_features: int, in_features: int) -> int:
+def truncation_cap(
+    method: str, parameters: dict[str, Any], present: list[dict], out_features: int, in_features: int
+) -> int:
     """The largest rank a layer's merged effect can have. A linear merge (svd) and any merge
     in core space live in the span of the stacked factors, so at most the sum of the input
     ranks; a non-linear merge of dense effects (full space) can fill the layer's shape."""
