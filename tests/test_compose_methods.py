@@ -37,6 +37,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "a": make_lora(root / "a", seed=21, r=4, lora_alpha=8),
         "b": make_lora(root / "b", seed=22, r=8, lora_alpha=4),
         "c": make_lora(root / "c", seed=23, r=2, lora_alpha=16),
+        "d": make_lora(root / "d", seed=26, r=12, lora_alpha=24),  # with a and b: ranks sum to 24 > 16 features
         "p": make_ia3(root / "p", seed=24),
         "q": make_ia3(root / "q", seed=25),
     }
@@ -171,6 +172,16 @@ def test_svd_with_the_sum_of_ranks_equals_exact(reg, out):
             assert_same_effects(out(info.ref), exact)
         else:
             assert reg.get(info.ref).provenance.parameters["space"] == "core"
+
+
+def test_stacked_ranks_beyond_the_layer_size_still_give_exact(reg, out):
+    """4 + 8 + 12 = 24 stacked ranks on 16 x 16 layers: the bases have 16 columns, not 24."""
+    expression = "0.5*team/a - 0.7*team/b + team/d"
+    exact = effects_of(out(reg.compose(expression, "team/exact24", method="exact").ref))
+    for method, options in (("svd", {}), ("magnitude_prune", {"density": 1.0, "space": "core"})):
+        info = reg.compose(expression, f"team/{method}24", method=method, rank=24, **options)
+        assert reg.get(info.ref).provenance.results["effective_rank"] == 16
+        assert_same_effects(out(info.ref), exact)
 
 
 def independent_cores(folders: list[Path], module: str):

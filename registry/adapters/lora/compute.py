@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from registry.adapters.lora.merging import MERGES, MergeInput
+from registry.adapters.lora.merging import BASIS_INVARIANT, MERGES, MergeInput
 from registry.adapters.lora.plan import A_SUFFIX, B_SUFFIX
 
 SVD_THREADS = 1  # torch.linalg.svd differs between thread counts: pin it and record it
@@ -72,7 +72,7 @@ def _truncated(plan: Any, layer: str, terms: list, work: torch.dtype):
     parameters = plan.parameters
     rank = plan.tensors[layer + A_SUFFIX][1][0]
     if plan.method.name == "svd" or parameters.get("space") == "core":
-        core = CoreSpace(terms, work, layer)
+        core = CoreSpace(terms, work, layer, singular_bases=plan.method.name not in BASIS_INVARIANT)
         merged = merge(_merge_input(plan, layer, terms, core.cores))
         u, s, vh = _pinned_svd(merged)
         b, a = core.expand(u[:, :rank] * s[:rank], vh[:rank, :])
@@ -113,15 +113,19 @@ class CoreSpace:
     (Householder reflectors, ``geqrf``) of each stack, B_cat = Q_B R_B, and the SVD of the small
     R_B = U' S' V'^T give U_B = Q_B U' and U_B^T B_cat = S' V'^T; ``expand`` applies Q_B to the
     truncated result only. O((m + n) R^2) per layer instead of the O(mn min(m, n)) of a dense SVD.
+
+    An entry-wise merge (TIES, DARE, pruning) depends on the basis, so it gets the paper's
+    singular bases; a linear one does not (``singular_bases=False``: U_B = Q_B, the cores in R_B
+    coordinates), which spares two small SVDs per layer.
     """
 
-    def __init__(self, terms: list, work: torch.dtype, layer: str):
+    def __init__(self, terms: list, work: torch.dtype, layer: str, singular_bases: bool = True):
         # B_cat^T and A_cat built row by row, so that their transposes are the column-major
         # tall matrices LAPACK factors without another copy.
         b_rows = torch.cat([tensors["lora_B"].to(work).T for _, tensors in terms], dim=0)
         a_rows = torch.cat([tensors["lora_A"].to(work) for _, tensors in terms], dim=0)
-        self.left, coords_b = _thin_basis(b_rows.T)
-        self.right, coords_a = _thin_basis(a_rows.T)
+        self.left, coords_b = _thin_basis(b_rows.T, singular_bases)
+        self.right, coords_a = _thin_basis(a_rows.T, singular_bases)
         self.cores, start = [], 0
         for module, tensors in terms:
             end = start + tensors["lora_A"].shape[0]
@@ -134,19 +138,25 @@ class CoreSpace:
         return _apply_basis(self.left, b_core), _apply_basis(self.right, a_core.T).T
 
 
-def _thin_basis(tall: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """For an m x R matrix X: (the basis U = Q U', implicit), and U^T X = S' V'^T (p x R)."""
+Basis = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # Householder reflectors, tau, U'
+
+
+def _thin_basis(tall: torch.Tensor, singular: bool) -> tuple[Basis, torch.Tensor]:
+    """For an m x R matrix X: (a basis U, implicit), and X in its coordinates U^T X (p x R):
+    U = Q U' and S' V'^T when ``singular``, else U = Q and R."""
     reflectors, tau = torch.geqrf(tall)
-    p = min(tall.shape)
-    u, s, vh = _pinned_svd(reflectors[:p, :].triu())
+    triangle = reflectors[: min(tall.shape), :].triu()
+    if not singular:
+        return (reflectors, tau, None), triangle
+    u, s, vh = _pinned_svd(triangle)
     return (reflectors, tau, u), s[:, None] * vh
 
 
-def _apply_basis(basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor], coords: torch.Tensor) -> torch.Tensor:
+def _apply_basis(basis: Basis, coords: torch.Tensor) -> torch.Tensor:
     """U @ coords (m x k) for a basis from :func:`_thin_basis`: Q (U' coords), Q applied by its reflectors."""
     reflectors, tau, u = basis
     padded = coords.new_zeros((reflectors.shape[0], coords.shape[1]))
-    padded[: u.shape[0]] = u @ coords
+    padded[: min(reflectors.shape)] = coords if u is None else u @ coords
     return torch.ormqr(reflectors, tau, padded, left=True, transpose=False)
 
 

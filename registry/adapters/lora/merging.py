@@ -58,6 +58,10 @@ MERGES: dict[str, Callable[[MergeInput], torch.Tensor]] = {
 }
 
 
+# Merges whose result does not depend on the basis of core space (linear ones).
+BASIS_INVARIANT = {"svd"}
+
+
 def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     total = None
     for tensor, weight in zip(tensors, weights):
