@@ -12,6 +12,7 @@ everything that follows.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -421,3 +422,33 @@ def test_config_of_a_merge_has_scaling_one(reg, out):
     folder = out(reg.compose(EXPRESSION, "team/cfg", method="ties", density=DENSITY, rank=3).ref)
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 3 and config["use_rslora"] is False
+
+
+# --- the merge functions against PEFT's merge_utils, on random tensors --------------------------------
+
+
+@pytest.mark.parametrize("method,majority_sign", [
+    ("ties", "total"), ("ties", "frequency"), ("dare_ties", "total"), ("dare_ties", "frequency"),
+    ("magnitude_prune", "total"), ("dare_linear", "total"),
+])
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.93, 1.0])
+def test_merge_functions_equal_peft_merge_utils(monkeypatch, method, majority_sign, density):
+    """The registry's merges hold one tensor at a time and threshold instead of topk; on tensors
+    without ties in magnitude they equal PEFT's stacked definitions."""
+    from peft.utils import merge_utils
+
+    from registry.adapters.lora.merging import MERGES, MergeInput, dare_mask
+
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{method}:{majority_sign}:{density}".encode()))
+    tensors = [torch.randn((7, 9), generator=generator, dtype=torch.float64) * scale for scale in (1.0, 0.3, 2.0)]
+    weights = [0.5, -1.25, 0.75]
+    masks = iter([dare_mask(SEED, "layer", n, (7, 9), density, torch.float64) for n in range(3)])
+    monkeypatch.setattr(merge_utils, "random_pruning",
+                        lambda t, d, rescale: t * next(masks) / (d if rescale else 1.0))
+    options = {"majority_sign_method": majority_sign} if method in ("ties", "dare_ties") else {}
+    expected = getattr(merge_utils, method)([t.clone() for t in tensors], torch.tensor(weights, dtype=torch.float64),
+                                            density, **options)
+    merged = MERGES[method](MergeInput(
+        tensors=[t.clone() for t in tensors], weights=weights, positions=[0, 1, 2], layer="layer",
+        parameters={"density": density, "seed": SEED, "majority_sign": majority_sign}))
+    torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-12)
