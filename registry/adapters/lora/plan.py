@@ -125,7 +125,7 @@ MATMUL_RATE = 3e10  # float32 multiply-adds x 2 per second
 ELEMENT_SECONDS = 1e-9  # one pass of an element-wise operation, per element
 KTH_SECONDS = 5e-8  # kthvalue (magnitude pruning), per element
 DENSE_SVD_SECONDS = 3e-10  # per m * n * min(m, n): a dense SVD of a full-rank delta
-THIN_SVD_SECONDS = 2e-10  # per m * R^2: the SVD of a tall, thin stack of factors
+THIN_QR_SECONDS = 2e-10  # per m * R^2: the thin QR (and small SVDs) of a stack of factors
 PRUNING = {"ties", "magnitude_prune"}
 ELECTING = {"ties", "dare_ties"}
 
@@ -148,7 +148,7 @@ def estimate(plan: Any) -> dict[str, float | int]:
             seconds += 4 * factors / work * ELEMENT_SECONDS
             layer_bytes = 3 * factors
         elif method == "svd" or space == "core":
-            seconds += (m + n) * total**2 * THIN_SVD_SECONDS + 4 * (m + n) * total**2 / MATMUL_RATE
+            seconds += (m + n) * total**2 * THIN_QR_SECONDS + 4 * (m + n) * total**2 / MATMUL_RATE
             layer_bytes = 6 * factors
         else:
             count = len(present)
