@@ -378,6 +378,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=540,
                         help="seconds: repeats after the first are skipped when they would not fit (default 540)")
     parser.add_argument("--digest-mb", type=int, default=256)
+    parser.add_argument("--merges", action="store_true",
+                        help="then benchmark svd, ties and dare_ties (full and core space) against exact and PEFT "
+                             "(bench/merge.py)")
     parser.add_argument("--bucket", action="store_true",
                         help="then compare the S3 bucket store (cold and warm cache) with the local store (bench/store.py)")
     args = parser.parse_args()
@@ -443,6 +446,9 @@ def main() -> None:
                 path = str(workdir / f"profile-{method}-{largest}.prof")
                 result = bench.registry(method, largest, profile=path)
                 print_profile(path, f"{method} x{largest} (step {result['step_s']:.2f} s under the profiler)", 25)
+        if args.merges:
+            print("\nmerge methods (bench/merge.py):", flush=True)
+            subprocess.run([sys.executable, str(Path(__file__).with_name("merge.py"))], check=True)
         if args.bucket:
             print("\nbucket store against local store (bench/store.py), same adapters:", flush=True)
             store_args = ["--workdir", str(workdir), "--inputs", "4"] + (["--quick"] if args.quick else [])

@@ -316,6 +316,9 @@ def show(registry: Any, ref: str, as_json: bool) -> None:
         p = details.provenance
         rows.append(("expression", p.canonical))
         rows.append(("method", p.method + "".join(f" {k}={v}" for k, v in p.parameters.items())))
+        if p.results:
+            results = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.results.items())
+            rows.append(("results", " ".join(results)))
         for item in p.inputs:
             rows.append(("input", f"{item.ref}  b={item.b:g}  a={item.a:g}  sha256:{item.digest[:12]}"))
     width = max(len(k) for k, _ in rows)
@@ -372,8 +375,16 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     options = [
         click.option("--method", default=DEFAULT_METHOD, show_default=True, type=click.Choice(list(METHODS)),
-                     help="module: the paper's arithmetic on parameters; exact: concatenated ranks; svd: exact, truncated."),
-        click.option("--rank", type=int, help="Output rank (svd only; default: the largest input rank)."),
+                     help="module: the paper's arithmetic on parameters; exact: concatenated ranks; svd: exact, "
+                          "truncated; ties, dare_linear, dare_ties, magnitude_prune: PEFT's merges, truncated."),
+        click.option("--rank", type=int, help="Output rank (truncating methods; default: the largest input rank)."),
+        click.option("--density", type=float,
+                     help="Fraction of entries each input keeps, in (0, 1] (ties, dare, magnitude_prune)."),
+        click.option("--seed", type=int, help="Seed of DARE's random drop mask (dare_linear, dare_ties; required)."),
+        click.option("--majority-sign", type=click.Choice(["total", "frequency"]),
+                     help="TIES's sign election (ties, dare_ties; default total)."),
+        click.option("--space", type=click.Choice(["full", "core"]),
+                     help="Merge the dense effects (full, default, as PEFT) or the small cores of the factors (core)."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
                      help="Output dtype (default: the inputs' common dtype)."),
         click.option("--union", is_flag=True, help="Allow layers adapted by only some inputs (missing = no effect)."),
@@ -386,7 +397,8 @@ def composition_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @pem.command(cls=ExpressionCommand)
 @click.argument("expression")
 @composition_options
-@click.option("--deviation", is_flag=True, help="Read the tensors and measure the module method's error (LoRA).")
+@click.option("--deviation", is_flag=True,
+              help="Read the tensors and measure how far the method is from the exact sum (LoRA).")
 @json_option
 @with_registry
 def check(registry: Any, expression: str, as_json: bool, **options: Any) -> None:
@@ -409,6 +421,9 @@ def _print_report(report: Any) -> None:
         o = report.output
         rank = f", rank {o.rank}" if o.rank else ""
         click.echo(f"output      {o.peft_type}{rank}, {o.layers} layers, {o.dtype}, {o.num_parameters:,} parameters, {human_size(o.size_bytes)}")
+        if o.estimated_seconds is not None and o.estimated_peak_bytes is not None:
+            click.echo(f"estimate    about {o.estimated_seconds:g} s and {human_size(o.estimated_peak_bytes)} peak memory "
+                       "to compose")
     for note in report.notes:
         click.echo(f"note        {note}")
     if report.deviation:

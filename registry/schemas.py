@@ -98,10 +98,12 @@ class OutputSummary(BaseModel):
     layers: int
     num_parameters: int
     size_bytes: int
+    estimated_seconds: float | None = Field(None, description="rough time to compute it, whole process")
+    estimated_peak_bytes: int | None = Field(None, description="rough peak resident memory computing it")
 
 
 class Deviation(BaseModel):
-    """Relative Frobenius error of the ``module`` method's dW against the exact sum."""
+    """Relative Frobenius error of the method's dW against the plain weighted sum of effects."""
 
     overall: float
     per_layer: dict[str, float]
@@ -170,7 +172,7 @@ class ContentTerm(BaseModel):
     kind: NodeKind
     a: float
     b: float
-    opaque: bool = Field(description="derived by a non-linear method (svd): its own contents are nested")
+    opaque: bool = Field(description="derived by a non-linear method (svd, ties, dare, magnitude_prune): its own contents are nested")
     contents: list["ContentTerm"] | None = None
 
 
@@ -178,7 +180,7 @@ class Contents(BaseModel):
     """``pem contents --json``."""
 
     root: str
-    root_linear: bool = Field(description="False when root was made by a non-linear method (svd): "
+    root_linear: bool = Field(description="False when root was made by a non-linear method (svd, ties, ...): "
                               "its terms are what it approximates")
     terms: list[ContentTerm]
 

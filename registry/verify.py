@@ -2,9 +2,10 @@
 
 Read-only: re-derivations are written to a scratch store in a temporary folder and thrown
 away. Elementwise methods (module, exact) must re-derive bit for bit on the same torch
-version; ``svd`` depends on the LAPACK build and thread count (SEMANTICS.md section 7), so it
-is compared by the relative error of ``B @ A`` against :data:`SVD_TOLERANCE`, and the report
-says so.
+version; the non-linear methods end in an SVD, which depends on the LAPACK build and thread
+count (SEMANTICS.md section 7), so when their digest differs they are compared by the relative
+error of ``B @ A`` against the tolerance their provenance records, and the report says so.
+A module made with a method or method version this pem cannot re-run is a failure, named.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from registry.methods import METHODS
 from registry.schemas import VerifyFailure, VerifyReport
 from registry.store import BlobStore, LocalBlobStore
 
-DEFAULT_SVD_TOLERANCE = 1e-4  # for svd modules whose provenance records none
+DEFAULT_SVD_TOLERANCE = 1e-4  # for non-linear modules whose provenance records none
 
 
 def blob_problem(store: BlobStore, digest: str) -> str | None:
@@ -56,7 +57,13 @@ def verify_modules(registry: Any, session: Session, modules: list[Module], progr
         external = module.derivation is not None and any(i.input is None for i in module.derivation.inputs)
         if problem is None and external:
             notes.append(f"{module.ref}: some inputs are external (imported provenance): not re-derived")
-        elif problem is None and module.derivation is not None and module.derivation.method in METHODS:
+        elif problem is None and module.derivation is not None and module.derivation.method not in METHODS:
+            if module.derivation.method != "port":
+                problem = (
+                    f"cannot re-derive: method {module.derivation.method!r} is unknown to this pem "
+                    f"(it knows {', '.join(METHODS)})"
+                )
+        elif problem is None and module.derivation is not None:
             for item in module.derivation.inputs:
                 if item.input.digest not in blob_problems:
                     blob_problems[item.input.digest] = blob_problem(registry.store, item.input.digest)
@@ -92,10 +99,12 @@ def rederive(registry: Any, module: Module) -> tuple[str | None, str | None]:
     derivation = module.derivation
     assert derivation is not None
     method = METHODS[derivation.method]
-    if derivation.method_version != method.version:
-        return None, (
-            f"made with {method.name} version {derivation.method_version}; this pem has version "
-            f"{method.version}, so it was not re-derived"
+    older = derivation.method_version != method.version
+    if older and derivation.method_version not in method.checkable_versions:
+        return (
+            f"cannot re-derive: made with {method.name} version {derivation.method_version}, and this pem "
+            f"computes version {method.version} only",
+            None,
         )
     parameters = derivation.parameters
     try:
@@ -118,15 +127,17 @@ def rederive(registry: Any, module: Module) -> tuple[str | None, str | None]:
             return f"re-derivation failed: {exc}", None
         if digest == module.digest:
             return None, None
-        if method.name == "svd":
+        if not method.linear:
+            made = f"{method.name} version {derivation.method_version}" if older else method.name
             tolerance = float(derivation.results.get("verify_tolerance", DEFAULT_SVD_TOLERANCE))
             error = _relative_effect_error(registry.store.local_path(module.digest), scratch_store.local_path(digest))
             if error <= tolerance:
                 return None, (
-                    f"svd re-derived within its recorded tolerance (relative error of B@A {error:.2e} <= "
-                    f"{tolerance:g}), compared by effect, not by digest"
+                    f"{made} re-derived" + (f" with version {method.version}" if older else "")
+                    + f" within its recorded tolerance (relative error of B@A {error:.2e} <= {tolerance:g}), "
+                    "compared by effect, not by digest"
                 )
-            return f"svd re-derivation differs: relative error of B@A {error:.2e} > {tolerance:g}", None
+            return f"{made} re-derivation differs: relative error of B@A {error:.2e} > {tolerance:g}", None
     stack = derivation.environment
     return (
         f"re-derivation gives sha256:{digest[:12]}, stored sha256:{module.digest[:12]} "

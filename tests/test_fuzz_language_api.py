@@ -68,11 +68,17 @@ def trees(refs):
 
 
 options = st.fixed_dictionaries({
-    "method": st.sampled_from(["module", "exact", "svd", "linear", "", "MODULE", "bogus"]),
+    "method": st.sampled_from(["module", "exact", "svd", "ties", "dare_ties", "linear", "", "MODULE", "bogus"]),
     "rank": st.one_of(st.none(), st.integers(-2, 16), st.sampled_from([2**31, 10**12, 2**63])),
+    "density": st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 1])),
+    "seed": st.one_of(st.none(), st.integers(-2, 3), st.sampled_from([2**63, 2**64])),
+    "space": st.one_of(st.none(), st.sampled_from(["full", "core", "", "bogus"])),
     "dtype": st.one_of(st.none(), st.sampled_from(["F16", "F32", "BF16", "F64", "I8", "f32", "", "bogus"])),
     "union": st.booleans(),
 })
+
+
+DEFAULTS = {"rank": None, "dtype": None, "union": False, "density": None, "seed": None, "space": None}
 
 
 def check(registry, expression: str, opts: dict):
@@ -115,10 +121,11 @@ def test_check_of_any_well_formed_expression_raises_only_pem_errors(two_modules,
 @SQLITE_ONLY
 @FUZZ
 @given(text=st.text(alphabet="team/ab@12sha256:0 .-+*/()eE5\t\n", max_size=40), opts=options)
-@example(text="team/a + team/b", opts={"method": "exact", "rank": None, "dtype": None, "union": False})
-@example(text="team/a@99999999999999999999", opts={"method": "module", "rank": None, "dtype": None, "union": False})
-@example(text="1e1000*team/a", opts={"method": "module", "rank": None, "dtype": "F16", "union": False})
-@example(text="team/a", opts={"method": "svd", "rank": 2**63, "dtype": None, "union": False})
+@example(text="team/a + team/b", opts={**DEFAULTS, "method": "exact"})
+@example(text="team/a@99999999999999999999", opts={**DEFAULTS, "method": "module"})
+@example(text="1e1000*team/a", opts={**DEFAULTS, "method": "module", "dtype": "F16"})
+@example(text="team/a", opts={**DEFAULTS, "method": "svd", "rank": 2**63})
+@example(text="team/a - team/b", opts={**DEFAULTS, "method": "ties", "density": float("nan")})
 def test_check_of_random_text_raises_only_pem_errors(two_modules, text, opts) -> None:
     registry = two_modules[0]
     report = check(registry, text, opts)

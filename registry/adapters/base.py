@@ -7,6 +7,7 @@ there. The composition engine asks the same objects for their arithmetic.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -15,6 +16,9 @@ from registry.errors import InvalidAdapterError
 from registry.safetensors_io import FLOAT_DTYPES, SafetensorsHeader
 
 PEFT_PREFIX = "base_model.model."
+# A composing process before its first layer (interpreter, torch, the registry), on this
+# project's machine: the floor of every estimate `pem check` gives.
+START_SECONDS, START_BYTES = 1.5, 250 * 2**20
 
 
 @dataclass
@@ -74,6 +78,19 @@ class AdapterType:
 
     def plan_output(self, inputs: list[Any], method: str, parameters: dict[str, Any], dtype: str) -> TypePlan:
         raise NotImplementedError
+
+    def estimate(self, plan: Any) -> dict[str, float | int]:
+        """Time (``estimated_seconds``) and peak memory (``estimated_peak_bytes``) computing
+        ``plan`` would take, from metadata. By default: start-up, reading every input once and
+        an element-wise pass, holding one layer of each input and of the output."""
+        read = sum(
+            math.prod(shape) * 4 for i in plan.inputs for layer in i.layers.values() for shape in layer["params"].values()
+        )
+        largest = max((math.prod(shape) * 4 for _, shape in plan.tensors.values()), default=0)
+        return {
+            "estimated_seconds": round(START_SECONDS + read / 1e9, 1),
+            "estimated_peak_bytes": int(START_BYTES + largest * (len(plan.inputs) + 2)),
+        }
 
     def compute(self) -> Any:
         """The module with ``compute_layer`` and ``finish`` (imports torch)."""

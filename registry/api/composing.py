@@ -52,20 +52,26 @@ class Composing:
         *,
         method: str = DEFAULT_METHOD,
         rank: int | None = None,
+        density: float | None = None,
+        seed: int | None = None,
+        majority_sign: str | None = None,
+        space: str | None = None,
         dtype: str | None = None,
         union: bool = False,
         deviation: bool = False,
     ) -> CheckReport:
         """Parse, resolve, type-check and validate ``expression`` on metadata alone, and say
-        what the output would be. Incompatibilities are listed in the report (``composable``
-        False), not raised. ``deviation`` (LoRA, method ``module``) reads the tensors to
-        measure how far the result's effect is from the exact sum."""
-        plan, inputs, canonical_text, violations = self._plan(expression, method, rank, dtype, union)
+        what the output would be, with an estimate of the time and memory computing it takes.
+        Incompatibilities are listed in the report (``composable`` False), not raised; a
+        parameter the method does not take, or out of range, raises. ``deviation`` (LoRA)
+        reads the tensors to measure how far the result's effect is from the exact sum."""
+        given = {"rank": rank, "density": density, "seed": seed, "majority_sign": majority_sign, "space": space}
+        plan, inputs, canonical_text, violations = self._plan(expression, method, given, dtype, union)
         report = CheckReport(
             expression=expression,
             canonical=canonical_text,
             method=method,
-            parameters=plan.parameters if plan else {"rank": rank, "union": union, "dtype": dtype},
+            parameters=plan.parameters if plan else {**given, "union": union, "dtype": dtype},
             composable=plan is not None,
             violations=violations,
             terms=[
@@ -75,12 +81,13 @@ class Composing:
             output=None if plan is None else OutputSummary(
                 peft_type=plan.peft_type, dtype=plan.dtype, rank=plan.max_rank, layers=len(plan.layers),
                 num_parameters=plan.num_parameters, size_bytes=plan.size_bytes,
+                **adapter_type(plan.peft_type).estimate(plan),
             ),
             notes=plan.notes if plan else [],
         )
         if deviation and plan is not None:
-            if plan.peft_type != "LORA" or method != "module":
-                raise UnsupportedMethodError("--deviation applies to LoRA inputs with method 'module'")
+            if plan.peft_type != "LORA":
+                raise UnsupportedMethodError("--deviation applies to LoRA inputs")
             from registry.compose.engine import measure_deviation
 
             report.deviation = Deviation(**measure_deviation(plan, self.store))
@@ -93,6 +100,10 @@ class Composing:
         *,
         method: str = DEFAULT_METHOD,
         rank: int | None = None,
+        density: float | None = None,
+        seed: int | None = None,
+        majority_sign: str | None = None,
+        space: str | None = None,
         dtype: str | None = None,
         union: bool = False,
         description: str | None = None,
@@ -106,7 +117,8 @@ class Composing:
         output_name = parse_module_name(name)
         check_lengths(description=description)
         self._check_new_name_early(output_name)
-        plan, _, _, violations = self._plan(expression, method, rank, dtype, union)
+        given = {"rank": rank, "density": density, "seed": seed, "majority_sign": majority_sign, "space": space}
+        plan, _, _, violations = self._plan(expression, method, given, dtype, union)
         if plan is None:
             raise IncompatibleModulesError(violations)
         identity = plan.identity()
@@ -134,6 +146,8 @@ class Composing:
             from registry.compose.engine import evaluate
 
             digest, size, results = evaluate(plan, self.store, progress)
+            if "rank" in plan.parameters:  # requested (parameters) and effective rank, issue 14 item 11
+                results = {**results, "effective_rank": plan.max_rank}
         handler = adapter_type(plan.peft_type)
         metadata = handler.describe(plan.config, read_header(self.store.local_path(digest)))
 
@@ -160,10 +174,11 @@ class Composing:
         )
 
     def _plan(
-        self, expression: str, method_name: str, rank: int | None, dtype: str | None, union: bool
+        self, expression: str, method_name: str, parameters: dict[str, Any], dtype: str | None, union: bool
     ) -> tuple[OutputPlan | None, list[InputModule], str, list[str]]:
         """Everything before tensors: (plan or None, inputs, canonical text, violations)."""
         method = get_method(method_name)
+        method.validate(parameters)  # before the catalog is read: a typo costs nothing
         tree, terms = parse_expression(expression)
         with self._session() as session:
             def resolve(ref: str) -> InputModule:
@@ -175,6 +190,6 @@ class Composing:
                 return InputModule.from_row(module, position=terms.index(term))
 
             inputs, canonical_text = bind_terms(tree, terms, resolve, expression)
-        plan, violations = build_plan(expression, canonical_text, inputs, method, {"rank": rank}, dtype, union)
+        plan, violations = build_plan(expression, canonical_text, inputs, method, parameters, dtype, union)
         return plan, inputs, canonical_text, violations
 

@@ -1,4 +1,4 @@
-"""(IA)^3: catalog metadata (catalog.py) and arithmetic (compose.py, imports torch)."""
+"""(IA)^3: catalog metadata (catalog.py) and arithmetic (compute.py, imports torch)."""
 
 from registry.adapters.ia3.catalog import IA3Type
 

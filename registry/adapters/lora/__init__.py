@@ -1,4 +1,4 @@
-"""LoRA: catalog metadata (catalog.py) and arithmetic (compose.py, imports torch)."""
+"""LoRA: catalog metadata (catalog.py) and arithmetic (compute.py, imports torch)."""
 
 from registry.adapters.lora.catalog import LoraType
 

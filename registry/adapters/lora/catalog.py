@@ -27,7 +27,7 @@ from registry.adapters.base import (
     split_tensor_names,
     target_modules_list,
 )
-from registry.adapters.lora.plan import plan_output
+from registry.adapters.lora.plan import estimate, plan_output
 from registry.errors import InvalidAdapterError
 from registry.safetensors_io import SafetensorsHeader
 
@@ -80,6 +80,9 @@ class LoraType(AdapterType):
 
     def plan_output(self, inputs: list[Any], method: str, parameters: dict[str, Any], dtype: str) -> TypePlan:
         return plan_output(inputs, method, parameters, dtype)
+
+    def estimate(self, plan: Any) -> dict[str, float | int]:
+        return estimate(plan)
 
     def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
         require_float(header)

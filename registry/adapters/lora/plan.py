@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from registry.adapters.base import TypePlan, module_key
+from registry.adapters.base import START_BYTES, START_SECONDS, TypePlan, module_key
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
@@ -23,14 +23,10 @@ def plan_output(inputs: list[Any], method: str, parameters: dict[str, Any], dtyp
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     notes: list[str] = []
     resolved = dict(parameters)
-    if method == "svd":
-        requested = parameters.get("rank")
+    if "rank" in parameters:  # the truncating methods
         largest = max(info["rank"] for i in inputs for info in i.layers.values())
-        if requested is not None and requested < 1:
-            from registry.errors import UnsupportedMethodError
-
-            raise UnsupportedMethodError(f"--rank must be at least 1, got {requested}")
-        resolved["rank"] = requested or largest
+        resolved["rank"] = parameters["rank"] or largest
+    capped: dict[str, int] = {}
     for layer in layers:
         present = [i.layers[layer] for i in inputs if layer in i.layers]
         out_features, in_features = present[0]["params"]["lora_B"][0], present[0]["params"]["lora_A"][1]
@@ -38,13 +34,15 @@ def plan_output(inputs: list[Any], method: str, parameters: dict[str, Any], dtyp
             rank = present[0]["rank"]
         elif method == "exact":
             rank = sum(p["rank"] for p in present)
-        else:  # svd
-            rank = min(resolved["rank"], out_features, in_features)
+        else:
+            rank = min(resolved["rank"], truncation_cap(method, resolved, present, out_features, in_features))
             if rank < resolved["rank"]:
-                notes.append(f"{module_key(layer)}: rank {resolved['rank']} capped at {rank} by its shape")
+                capped[layer] = rank
         ranks[layer] = rank
         tensors[layer + A_SUFFIX] = (dtype, (rank, in_features))
         tensors[layer + B_SUFFIX] = (dtype, (out_features, rank))
+    if capped:
+        notes.append(_capped_note(method, resolved, capped, len(layers)))
     if method == "module":
         for i in inputs:
             effect = i.a * i.b  # the coefficient lands on both A and B
@@ -55,6 +53,29 @@ def plan_output(inputs: list[Any], method: str, parameters: dict[str, Any], dtyp
                 )
     config = output_config(inputs, ranks)
     return TypePlan(layers=layers, tensors=tensors, config=config, parameters=resolved, notes=notes)
+
+
+def truncation_cap(
+    method: str, parameters: dict[str, Any], present: list[dict], out_features: int, in_features: int
+) -> int:
+    """The largest rank a layer's merged effect can have. A linear merge (svd) and any merge
+    in core space live in the span of the stacked factors, so at most the sum of the input
+    ranks; a non-linear merge of dense effects (full space) can fill the layer's shape."""
+    cap = min(out_features, in_features)
+    if method == "svd" or parameters.get("space") == "core":
+        cap = min(cap, sum(p["rank"] for p in present))
+    return cap
+
+
+def _capped_note(method: str, parameters: dict[str, Any], capped: dict[str, int], total: int) -> str:
+    """Issue 14 item 11: a rank above what a layer can hold is said, not silently recorded."""
+    spanned = method == "svd" or parameters.get("space") == "core"
+    low, high = min(capped.values()), max(capped.values())
+    return (
+        f"--rank {parameters['rank']} is more than {len(capped)} of {total} layers can hold "
+        f"(e.g. {module_key(next(iter(capped)))}): they get rank {low if low == high else f'{low} to {high}'}, "
+        + ("the sum of the input ranks or the layer's shape, and are exact" if spanned else "the layer's shape")
+    )
 
 
 def _number(value: Any) -> str:
@@ -94,3 +115,48 @@ def output_config(inputs: list[Any], ranks: dict[str, int]) -> dict[str, Any]:
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+
+
+# --- cost estimate for `pem check` (metadata only) ----------------------------------------------
+# Rates of one core of this project's machine (2 cores, torch 2.13 CPU, idle), rounded: they
+# make an estimate to decide whether to start a long merge, not a promise.
+READ_RATE = 1.5e9  # bytes per second from the page cache, hashed
+MATMUL_RATE = 3e10  # float32 multiply-adds x 2 per second
+ELEMENT_SECONDS = 1e-9  # one pass of an element-wise operation, per element
+KTH_SECONDS = 5e-8  # kthvalue (magnitude pruning), per element
+DENSE_SVD_SECONDS = 3e-10  # per m * n * min(m, n): a dense SVD of a full-rank delta
+THIN_QR_SECONDS = 2e-10  # per m * R^2: the thin QR (and small SVDs) of a stack of factors
+PRUNING = {"ties", "magnitude_prune"}
+ELECTING = {"ties", "dare_ties"}
+
+
+def estimate(plan: Any) -> dict[str, float | int]:
+    """Time and peak memory computing ``plan`` takes, from its shapes: the per-layer work of
+    its method and space (SEMANTICS.md section 3), layer after layer, and the largest layer's
+    working set on top of the process's own footprint."""
+    method, space = plan.method.name, plan.parameters.get("space")
+    work = 8 if plan.dtype == "F64" else 4
+    seconds, peak = START_SECONDS, 0.0
+    for layer in plan.layers:
+        present = [i.layers[layer] for i in plan.inputs if layer in i.layers]
+        m, n = present[0]["params"]["lora_B"][0], present[0]["params"]["lora_A"][1]
+        ranks = [p["rank"] for p in present]
+        total = sum(ranks)
+        factors = (m + n) * total * work
+        seconds += factors / work * 2 / READ_RATE
+        if method in ("module", "exact"):
+            seconds += 4 * factors / work * ELEMENT_SECONDS
+            layer_bytes = 3 * factors
+        elif method == "svd" or space == "core":
+            seconds += (m + n) * total**2 * THIN_QR_SECONDS + 4 * (m + n) * total**2 / MATMUL_RATE
+            layer_bytes = 6 * factors
+        else:
+            count = len(present)
+            seconds += sum(2 * m * n * r for r in ranks) / MATMUL_RATE
+            seconds += (12 if method in ELECTING else 4) * count * m * n * ELEMENT_SECONDS
+            seconds += (count * m * n * KTH_SECONDS) if method in PRUNING else 0.0
+            seconds += m * n * min(m, n) * DENSE_SVD_SECONDS
+            # the effects, their signs (1 byte), TIES's buffers, and the SVD's copy and factors
+            layer_bytes = m * n * (count * (work + 1) + 4 * work)
+        peak = max(peak, layer_bytes)
+    return {"estimated_seconds": round(seconds, 1), "estimated_peak_bytes": int(START_BYTES + peak)}
