@@ -60,6 +60,11 @@ class ModuleInUseError(PemError):
     """A module cannot be removed because other modules were derived from it."""
 
 
+class ModuleRemovedError(NotFoundError):
+    """A module a command had resolved was removed by another process (``pem rm``) before the
+    command wrote what refers to it; nothing was written."""
+
+
 class NameConflictError(PemError):
     """An output name already holds a different module."""
 
@@ -115,6 +120,10 @@ class HubError(PemError):
 class BlobStoreError(PemError):
     """The blob store is missing a blob, or a blob does not match its digest."""
 
+
+class CorruptProvenanceError(PemError):
+    """The lineage graph has a cycle (a module made, transitively, from itself), which only a
+    corrupted catalog can hold; graph queries stop and name it (``pem verify --all`` lists all)."""
 
 
 # --- how errors are shown as JSON --------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Fault injection for crash tests.
+"""Fault injection for crash and race tests.
 
 ``PEM_FAULT=<point>`` makes the process kill itself with SIGKILL when it reaches that point,
-the way a power cut or an OOM kill would stop it. Unset (always, outside tests), a point
-costs one dictionary lookup. The points:
+the way a power cut or an OOM kill would stop it. ``PEM_FAULT=<point>:stop`` makes it stop
+itself with SIGSTOP instead, so that a test knows the exact moment (``waitpid`` with
+``WUNTRACED`` returns), does something concurrently, and resumes it with SIGCONT. Unset
+(always, outside tests), a point costs one dictionary lookup. The points:
 
 =====================  =================================================================
 ``blob-written``       the blob's temporary file is written and fsynced, not yet renamed
@@ -19,8 +21,12 @@ import os
 import signal
 
 ENV_FAULT = "PEM_FAULT"
+STOP_SUFFIX = ":stop"
 
 
 def point(name: str) -> None:
-    if os.environ.get(ENV_FAULT) == name:
+    fault = os.environ.get(ENV_FAULT)
+    if fault == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == name + STOP_SUFFIX:
+        os.kill(os.getpid(), signal.SIGSTOP)

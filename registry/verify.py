@@ -45,12 +45,24 @@ def blob_problem(store: BlobStore, digest: str) -> str | None:
     return None
 
 
-def verify_modules(registry: Any, session: Session, modules: list[Module], progress: Any = None) -> VerifyReport:
+def verify_modules(
+    registry: Any, session: Session, modules: list[Module], progress: Any = None,
+    graph: dict[str, list[str]] | None = None,
+) -> VerifyReport:
+    """``graph``: corrupt provenance found by :func:`registry.lineage.graph_problems`, per
+    ref; such a module is reported for it and not re-derived (its recorded inputs are not
+    what it was made from, so a re-derivation would blame the wrong cause)."""
+    graph = dict(graph or {})
     failures: list[VerifyFailure] = []
     notes: list[str] = []
     blob_problems: dict[str, str | None] = {}
     rederived = 0
     for done, module in enumerate(modules, 1):
+        if module.ref in graph:
+            failures.append(VerifyFailure(ref=module.ref, problem=corrupt_provenance(module.ref, graph.pop(module.ref))))
+            if progress is not None:
+                progress(done, len(modules))
+            continue
         if module.digest not in blob_problems:
             blob_problems[module.digest] = blob_problem(registry.store, module.digest)
         problem = blob_problems[module.digest]
@@ -83,7 +95,13 @@ def verify_modules(registry: Any, session: Session, modules: list[Module], progr
             failures.append(VerifyFailure(ref=module.ref, problem=problem))
         if progress is not None:
             progress(done, len(modules))
+    for ref, problems in sorted(graph.items()):  # ancestors of the module verified
+        failures.append(VerifyFailure(ref=ref, problem=corrupt_provenance(ref, problems)))
     return VerifyReport(checked=len(modules), rederived=rederived, ok=not failures, failures=failures, notes=notes)
+
+
+def corrupt_provenance(ref: str, problems: list[str]) -> str:
+    return f"corrupt provenance: {ref} {'; '.join(problems)}"
 
 
 def _inputs(module: Module) -> list[InputModule]:

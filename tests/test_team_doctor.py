@@ -71,7 +71,7 @@ def initialized(home: Path, database_url: str, pem_env: dict[str, str]) -> Path:
 
 def test_doctor_on_a_healthy_registry(run_pem, initialized, hub):
     checks = doctor_json(run_pem("doctor", "--json"), 0)
-    assert list(checks) == ["database", "store", "hub"]  # a local store has no cache to check
+    assert list(checks) == ["database", "lineage", "store", "hub"]  # a local store has no cache to check
     assert all(c["ok"] and c["fix"] is None for c in checks.values()), checks
     assert SCHEMA_HEAD in checks["database"]["detail"]
     assert hub.url.rstrip("/") in checks["hub"]["detail"]
@@ -79,11 +79,11 @@ def test_doctor_on_a_healthy_registry(run_pem, initialized, hub):
     table = run_pem("doctor")
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
-    assert [line.split()[:2] for line in lines] == [["ok", "database"], ["ok", "store"], ["ok", "hub"]]
+    assert [line.split()[:2] for line in lines] == [["ok", "database"], ["ok", "lineage"], ["ok", "store"], ["ok", "hub"]]
     assert "->" not in table.stdout
 
     api = Registry.doctor(initialized)
-    assert [(c.name, c.ok) for c in api] == [("database", True), ("store", True), ("hub", True)]
+    assert [(c.name, c.ok) for c in api] == [("database", True), ("lineage", True), ("store", True), ("hub", True)]
     # Checking that the store is writable leaves nothing behind.
     assert list((initialized / "blobs" / "tmp").glob("*")) == []
 

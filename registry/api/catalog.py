@@ -11,7 +11,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
@@ -45,6 +45,7 @@ from registry.db import migrate
 from registry.db.engine import (
     WRITE,
     current_revision,
+    first_line,
     make_engine,
     make_sessionmaker,
     require_current_schema,
@@ -65,6 +66,7 @@ from registry.errors import (
     InvalidAdapterError,
     InvalidNameError,
     ModuleInUseError,
+    ModuleRemovedError,
     PemError,
     RegistryNotInitializedError,
     UnknownModuleError,
@@ -250,13 +252,20 @@ class Catalog:
         description: str | None,
         source: dict[str, Any] | None,
         attach: Any = None,
+        inputs: Sequence[Any] = (),
+        doing: str = "registering",
     ) -> ModuleInfo:
         """Insert a module row for a blob already in the store. ``attach(session, module)``
-        adds rows that must commit in the same transaction (a derivation)."""
+        adds rows that must commit in the same transaction (a derivation). ``inputs`` (with
+        ``module_id``, ``digest`` and ``ref``) are the modules it was made from, resolved
+        earlier: they are re-checked and locked in the same transaction, so that a concurrent
+        `pem rm` either happens before (this fails, naming what it was ``doing``) or after
+        (the rm is refused: it now has a descendant), never both."""
         config_digest = canonical_json_digest(config)
         for attempt in range(VERSION_RETRIES):
             try:
                 with self._write_session() as session:
+                    lock_inputs(session, inputs, doing)
                     existing = session.scalars(
                         select(Module).where(
                             Module.namespace == name.namespace,
@@ -326,12 +335,17 @@ class Catalog:
                     )
                     session.flush()
                     return module_info(module, created=True)
-            except IntegrityError:
+            except IntegrityError as exc:
+                # A unique violation is another writer taking the same version or adding the
+                # same blob row: retry. Anything else (a row referred to was removed) is
+                # re-checked by the next attempt, which names it.
                 if attempt == VERSION_RETRIES - 1:
-                    raise DatabaseError(
-                        f"could not allocate a version of {name} after {VERSION_RETRIES} attempts "
-                        "(many concurrent writers?): try again"
-                    ) from None
+                    if is_unique_violation(exc):
+                        raise DatabaseError(
+                            f"could not allocate a version of {name} after {VERSION_RETRIES} attempts "
+                            "(many concurrent writers?): try again"
+                        ) from None
+                    raise DatabaseError(f"could not register {name}: {first_line(exc)}") from None
                 time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # let the other writer finish
         raise AssertionError("unreachable")
 
@@ -436,7 +450,23 @@ class Catalog:
             module = self._resolve(session, ref)
             return module_info(module, aliases=aliases_of(session, [module.id]).get(module.id, []))
 
-    def _resolve(self, session: Session, ref: str | Reference) -> Module:
+    def _resolve(self, session: Session, ref: str | Reference, *, lock: bool = False) -> Module:
+        """The module row ``ref`` names. ``lock`` (in a write transaction, for a writer that
+        changes or refers to the row): the row is locked until the commit (PostgreSQL: FOR
+        UPDATE; SQLite writers hold the database lock already), so a concurrent `pem rm`
+        waits for this writer, or has removed the row and this raises ModuleRemovedError."""
+        module = self._resolve_row(session, ref)
+        if lock:
+            locked = session.scalars(
+                select(Module).where(Module.id == module.id, Module.digest == module.digest)
+                .with_for_update().execution_options(populate_existing=True)
+            ).first()
+            if locked is None:
+                raise ModuleRemovedError(f"{module.ref} was removed by another process meanwhile")
+            module = locked
+        return module
+
+    def _resolve_row(self, session: Session, ref: str | Reference) -> Module:
         parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
         if parsed.digest_prefix is not None:
             return self._resolve_digest(session, parsed)
@@ -528,9 +558,26 @@ class Catalog:
         """Delete one version, named as ``NS/NAME@N`` (or by its ``sha256:`` digest); refused
         while modules derived from it exist or an alias points at it. Its blob is deleted when
         no other module uses it. ``dry_run`` only says what would be removed."""
+        try:
+            removal, digest, orphan = self._remove_row(ref, dry_run)
+        except IntegrityError:  # a writer that does not lock the row (pull, add of the same blob) got in first
+            raise ModuleInUseError(
+                f"cannot remove {ref}: another process made something refer to it meanwhile; run the command again"
+            ) from None
+        if orphan:  # after the commit: a crash here leaves a stray file, never a dangling row
+            with self._blob_lock() as session:
+                # A concurrent add of the same content may have registered it meanwhile.
+                if session.scalar(select(func.count()).where(Module.digest == digest)) == 0:
+                    self.store.delete(digest)
+        return removal
+
+    def _remove_row(self, ref: str, dry_run: bool) -> tuple[Removal, str, bool]:
+        """Delete the row in one transaction: (what was removed, its digest, whether its blob
+        file is to be deleted). The row is locked first, so a writer registering something made
+        from it either committed before (and is seen here as a dependent) or waits and then fails."""
         with (self._session() if dry_run else self._write_session()) as session:
             parsed = parse_reference(ref)
-            module = self._resolve(session, parsed)
+            module = self._resolve(session, parsed, lock=not dry_run)
             if parsed.module is not None and parsed.version is None and parsed.alias is None:
                 versions = session.scalars(
                     select(Module.version).where(Module.namespace == module.namespace, Module.name == module.name)
@@ -543,7 +590,8 @@ class Catalog:
                 )
             dependents = session.scalars(
                 select(Module).join(DerivationInput, DerivationInput.module_id == Module.id)
-                .where(DerivationInput.input_id == module.id).order_by(Module.id)
+                .where(DerivationInput.input_id == module.id, Module.id != module.id)  # a self-reference is corruption
+                .order_by(Module.id)
             ).all()
             if dependents:
                 names = ", ".join(m.ref for m in dependents[:5])
@@ -571,17 +619,12 @@ class Catalog:
                 blob_kept_for=[m.ref for m in sharing],
             )
             if dry_run:
-                return removal
+                return removal, digest, False
             session.delete(module)
             session.flush()
             if orphan:
                 session.delete(session.get(Blob, digest))
-        if orphan:  # after the commit: a crash here leaves a stray file, never a dangling row
-            with self._blob_lock() as session:
-                # A concurrent add of the same content may have registered it meanwhile.
-                if session.scalar(select(func.count()).where(Module.digest == digest)) == 0:
-                    self.store.delete(digest)
-        return removal
+        return removal, digest, orphan
 
     @contextmanager
     def _blob_lock(self) -> Iterator[Session]:
@@ -633,6 +676,33 @@ def closest_names(wanted: str, names: list[str], n: int = 3) -> list[str]:
             if score >= SUGGESTION_CUTOFF:
                 scored.append((-score, name))
     return [name for _, name in sorted(scored)[:n]]
+
+
+def lock_inputs(session: Session, inputs: Sequence[Any], doing: str) -> None:
+    """Re-read the rows of modules resolved before this transaction, by id and digest, and
+    lock them against removal until it commits (PostgreSQL: FOR SHARE, so concurrent
+    compositions of one input do not wait for each other; on SQLite the writer already holds
+    the database lock). A row that is gone, or whose id now holds another module, means the
+    input was removed meanwhile: nothing may be registered from it."""
+    if not inputs:
+        return
+    found = {
+        row.id: row for row in session.execute(
+            select(Module.id, Module.digest, Module.namespace, Module.name, Module.version)
+            .where(Module.id.in_({i.module_id for i in inputs})).with_for_update(read=True)
+        )
+    }
+    for item in inputs:
+        row = found.get(item.module_id)
+        if row is None or row.digest != item.digest or f"{row.namespace}/{row.name}@{row.version}" != item.ref:
+            raise ModuleRemovedError(f"input {item.ref} was removed while {doing}; nothing was registered")
+
+
+def is_unique_violation(exc: IntegrityError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)  # PostgreSQL (psycopg)
+    if sqlstate is not None:
+        return sqlstate == "23505"
+    return "UNIQUE constraint failed" in str(exc.orig)  # SQLite
 
 
 # --- reading adapter folders ------------------------------------------------------------------

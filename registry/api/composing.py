@@ -171,6 +171,7 @@ class Composing:
         return self._register(
             output_name, kind="derived", digest=digest, size_bytes=size, config=plan.config, metadata=metadata,
             task=None, tags=[], description=description, source=None, attach=attach,
+            inputs=plan.inputs, doing="composing",
         )
 
     def _plan(

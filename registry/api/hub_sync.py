@@ -30,6 +30,8 @@ from registry.errors import (
     HubError,
     InvalidAdapterError,
     InvalidNameError,
+    ModuleRemovedError,
+    NotFoundError,
 )
 from registry.refs import (
     parse_module_name,
@@ -100,9 +102,10 @@ class HubSync:
         )
         if not info.created:  # same content as a version we have: remember this commit too
             with self._write_session() as session:
-                link.module_id = session.scalars(select(Module.id).where(
-                    Module.namespace == module_name.namespace, Module.name == module_name.name,
-                    Module.version == info.version)).one()
+                try:
+                    link.module_id = self._resolve(session, info.ref, lock=True).id
+                except NotFoundError:
+                    raise ModuleRemovedError(f"{info.ref} was removed while pulling; nothing was recorded") from None
                 session.add(link)
         return info
 
@@ -131,18 +134,27 @@ class HubSync:
             }
             sidecar = hub.sidecar_for(module, links)
             card = hub.model_card(module, sidecar)
-            config, module_id, module_ref = module.config, module.id, module.ref
-        weights = self.store.local_path(module.digest)
+            config, module_id, module_ref, module_digest = module.config, module.id, module.ref, module.digest
+        weights = self.store.local_path(module_digest)
         with tempfile.TemporaryDirectory(prefix="pem-push-") as tmp:
             hub.stage_push(Path(tmp), config, weights, card, sidecar)
             commit, changed = hub.upload(endpoint, repo_id, Path(tmp), private=private, branch=branch,
                                          message=message or f"pem-registry: push {module_ref}")
+            weights_oid = hub.git_blob_oid(Path(tmp) / WEIGHTS_FILE)  # what was uploaded, even if rm took the blob
         link = dict(module_id=module_id, direction="push", endpoint=endpoint, repo_id=repo_id,
                     revision=branch or "main", commit=commit)
         with self._write_session() as session:
+            pushed = session.scalars(
+                select(Module.id).where(Module.id == module_id, Module.digest == module_digest).with_for_update()
+            ).first()
+            if pushed is None:
+                raise ModuleRemovedError(
+                    f"{module_ref} was removed while pushing: {repo_id}@{commit[:12]} holds it, "
+                    "but the push was not recorded"
+                )
             # Pushing unchanged content again records nothing new.
             if session.scalar(select(HubLink.id).filter_by(**link).limit(1)) is None:
-                session.add(HubLink(**link, weights_oid=hub.git_blob_oid(weights)))
+                session.add(HubLink(**link, weights_oid=weights_oid))
         return PushResult(ref=module_ref, repo_id=repo_id, branch=branch or "main", commit=commit,
                           url=f"{endpoint}/{repo_id}", changed=changed)
 

@@ -167,5 +167,6 @@ class Porting:
         return self._register(
             output_name, kind="ported", digest=digest, size_bytes=module.size_bytes, config=config, metadata=metadata,
             task=module.task, tags=[], description=module.description, source=None, attach=attach,
+            inputs=[source], doing="porting",
         )
 

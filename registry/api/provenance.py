@@ -36,6 +36,7 @@ class ProvenanceQueries:
             ids = lineage_queries.ancestor_ids(root.id)
             modules = lineage_queries.modules_by_id(session, ids)
             edges = lineage_queries.edges_into(session, ids)
+            stop_at_cycle(session, root.id, edges)
             derivations = {
                 row.module_id: row for row in session.execute(
                     select(Derivation.module_id, Derivation.method, Derivation.canonical)
@@ -69,6 +70,7 @@ class ProvenanceQueries:
             ids = lineage_queries.descendant_ids(root.id)
             modules = lineage_queries.modules_by_id(session, ids)
             edges = lineage_queries.edges_into(session, ids)
+            stop_at_cycle(session, root.id, edges)
             paths = lineage_queries.shortest_paths(root.id, edges)
             ref_of = {i: node.ref for i, node in modules.items()}
             published: dict[int, list[str]] = {}
@@ -92,9 +94,14 @@ class ProvenanceQueries:
         with self._session() as session:
             root = self._resolve(session, ref)
             linear = root.derivation is None or root.derivation.method in lineage_queries.LINEAR_METHODS
-            return Contents(root=root.ref, root_linear=linear, terms=self._content_terms(session, root.id))
+            return Contents(root=root.ref, root_linear=linear, terms=self._content_terms(session, root.id, ()))
 
-    def _content_terms(self, session: Session, root_id: int) -> list[ContentTerm]:
+    def _content_terms(self, session: Session, root_id: int, outer: tuple[int, ...]) -> list[ContentTerm]:
+        """``outer``: the opaque modules whose contents are being listed around this one; a
+        module among them is a cycle through non-linear steps, which no single walk sees."""
+        if root_id in outer:
+            ids = list(outer[outer.index(root_id):]) + [root_id]
+            raise lineage_queries.cycle_error(session, outer[0], ids)
         weights = lineage_queries.effective_weights(session, root_id)
         ids = [module_id for module_id, _, _, _ in weights if module_id is not None]
         modules = {m.id: m for m in session.scalars(select(Module).where(Module.id.in_(ids)))}
@@ -117,7 +124,7 @@ class ProvenanceQueries:
             opaque = module_id in derived and module_id != root_id
             terms.append(ContentTerm(
                 ref=module.ref, digest=module.digest, kind=module.kind, a=a, b=b, opaque=opaque,
-                contents=self._content_terms(session, module_id) if opaque else None,
+                contents=self._content_terms(session, module_id, outer + (root_id,)) if opaque else None,
             ))
         return sorted(terms, key=lambda t: t.ref)
 
@@ -129,7 +136,15 @@ class ProvenanceQueries:
         with self._session() as session:
             if ref is None:
                 modules = list(session.scalars(select(Module).order_by(Module.id)))
+                graph = lineage_queries.graph_problems(session)
             else:
                 modules = [self._resolve(session, ref)]
-            return verify_modules(self, session, modules, progress)
+                graph = lineage_queries.graph_problems(session, modules[0].id)
+            return verify_modules(self, session, modules, progress, graph)
 
+
+def stop_at_cycle(session: Session, root_id: int, edges: list[Any]) -> None:
+    """Raise CorruptProvenanceError naming a cycle among ``edges``, if there is one."""
+    cycle = lineage_queries.find_cycle(edges)
+    if cycle is not None:
+        raise lineage_queries.cycle_error(session, root_id, cycle)

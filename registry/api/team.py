@@ -21,7 +21,7 @@ from registry.api.common import (
     unknown_alias_error,
 )
 from registry.config import Settings
-from registry.db.engine import SCHEMA_HEAD, current_revision, make_engine, sqlite_file_missing
+from registry.db.engine import SCHEMA_HEAD, current_revision, make_engine, make_sessionmaker, sqlite_file_missing
 from registry.db.models import Alias as AliasRow
 from registry.db.models import (
     AliasEvent,
@@ -65,7 +65,7 @@ class Team:
         for attempt in range(VERSION_RETRIES):
             try:
                 with self._write_session() as session:
-                    target = self._resolve(session, f"{module_name}@{version}")
+                    target = self._resolve(session, f"{module_name}@{version}", lock=True)
                     row = session.scalars(
                         select(AliasRow).where(
                             AliasRow.namespace == module_name.namespace, AliasRow.name == module_name.name,
@@ -137,7 +137,7 @@ class Team:
         """Set and remove tags of one version; each change is recorded with time and author."""
         pairs = parse_tags(set_tags)
         with self._write_session() as session:
-            module = self._resolve(session, ref)
+            module = self._resolve(session, ref, lock=True)
             current = {t.key: t for t in module.tags}
             for key in remove or []:
                 if key not in current:
@@ -161,7 +161,7 @@ class Team:
         """Replace a version's description (None clears it); recorded with time and author."""
         check_lengths(description=description)
         with self._write_session() as session:
-            module = self._resolve(session, ref)
+            module = self._resolve(session, ref, lock=True)
             if module.description != description:
                 session.add(MetadataEvent(module_id=module.id, field="description", old=module.description,
                                           new=description, by=self.settings.user))
@@ -196,6 +196,7 @@ class Team:
         settings = Settings.resolve(home, hub_endpoint=endpoint)
         checks = [check_database(settings)]
         if checks[0].ok:
+            checks.append(check_provenance(settings))
             checks += check_names(settings)
         store = open_store(settings.store, home=settings.home)
         checks.append(check_store(store))
@@ -302,6 +303,26 @@ def check_names(settings: Settings) -> list[HealthCheck]:
         name="names", ok=False, status="warn", detail="registered before the naming rules: " + "; ".join(found),
         fix="they keep working; refer to them as NS/NAME@VERSION or sha256:, and give new modules other names",
     )]
+
+
+def check_provenance(settings: Settings) -> HealthCheck:
+    """The lineage graph holds no self-references, re-used input rows or cycles (what a
+    compose racing `pem rm` left in catalogs before schema 0005)."""
+    from registry import lineage
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            problems = lineage.graph_problems(session)
+    finally:
+        engine.dispose()
+    if not problems:
+        return HealthCheck(name="lineage", ok=True, detail="no self-references or cycles in the lineage graph",
+                           fix=None)
+    listed = "; ".join(f"{ref} {'; '.join(found)}" for ref, found in sorted(problems.items())[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return HealthCheck(name="lineage", ok=False, detail=f"{len(problems)} corrupt: {listed}{more}",
+                       fix="run `pem verify --all` for the full list")
 
 
 def make_url_safe(url: str) -> str:

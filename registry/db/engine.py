@@ -15,7 +15,7 @@ from registry.errors import ConfigurationError, DatabaseError, RegistryNotInitia
 # The newest migration in migrations/versions. A test checks it against Alembic's head, so
 # the two move together; keeping it here lets every command check the schema without
 # importing Alembic (a third of a second of start-up).
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 SQLITE_BUSY_TIMEOUT_S = 30
 
@@ -85,7 +85,7 @@ def current_revision(engine: Engine) -> str | None:
                 return None
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     except OperationalError as exc:
-        raise DatabaseError(f"cannot reach the database {engine.url.render_as_string()}: {_first_line(exc)}") from None
+        raise DatabaseError(f"cannot reach the database {engine.url.render_as_string()}: {first_line(exc)}") from None
 
 
 def require_current_schema(engine: Engine) -> None:
@@ -100,6 +100,6 @@ def require_current_schema(engine: Engine) -> None:
         )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     message = str(getattr(exc, "orig", None) or exc)
     return message.strip().splitlines()[0] if message.strip() else type(exc).__name__

@@ -91,6 +91,9 @@ class Module(Base):
         # The same content under one name is one version, even when two writers race to add it.
         # A unique index, not a constraint: adding it does not rebuild the table on SQLite.
         Index("ux_modules_same_content", "namespace", "name", "digest", "config_digest", unique=True),
+        # A removed module's id is never given to another (SQLite reuses the highest rowid
+        # otherwise; PostgreSQL sequences never do): an id resolved earlier means one module.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
