@@ -34,6 +34,9 @@ DTYPE_SIZES: dict[str, int] = {
 }
 # Floating dtypes the composition engine accepts, with their torch names.
 FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# The largest finite value of each: a composition whose values may exceed it is refused.
+FLOAT_MAX = {"F64": 1.7976931348623157e308, "F32": 3.4028234663852886e38, "F16": 65504.0,
+             "BF16": 3.3895313892515355e38}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 MAX_DIMENSION = 2**31  # no adapter tensor has a larger dimension; a larger one is hostile
@@ -193,24 +196,74 @@ def has_nonfinite(dtype: str, chunk: bytes) -> bool:
     return bool(numpy.any((bits & mask) == mask))
 
 
-def copy_canonical(header: SafetensorsHeader, out: HashingWriter, allow_nonfinite: bool = False) -> None:
+def max_abs(dtype: str, chunk: bytes) -> float:
+    """The largest magnitude in a chunk of little-endian floats (inf or nan when it holds
+    Inf or NaN; 0 when empty), read without torch."""
+    import numpy
+
+    if dtype == "BF16":  # numpy has no bfloat16: its bits are the top half of a float32
+        values = (numpy.frombuffer(chunk, dtype="<u2").astype(numpy.uint32) << 16).view(numpy.float32)
+    else:
+        values = numpy.frombuffer(chunk, dtype={"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])
+    return float(numpy.abs(values).max()) if values.size else 0.0
+
+
+def _chunks(fd: int, header: SafetensorsHeader, info: TensorInfo) -> Iterable[bytes]:
+    position = info.start
+    while position < info.end:
+        chunk = os.pread(fd, min(COPY_CHUNK, info.end - position), position)
+        if not chunk:
+            raise _bad(header.path, f"file shrank while reading tensor {info.name!r}")
+        yield chunk
+        position += len(chunk)
+
+
+def copy_canonical(header: SafetensorsHeader, out: HashingWriter, allow_nonfinite: bool = False) -> dict[str, float]:
     """Write the canonical form of the file behind ``header`` to ``out``; refuse NaN or Inf
-    values unless ``allow_nonfinite``."""
+    values unless ``allow_nonfinite``. Returns each float tensor's largest magnitude, read
+    on the way (the catalog records it to bound compositions before reading tensors)."""
     header_bytes, _ = canonical_header((t.name, t.dtype, t.shape) for t in header.tensors.values())
     out.write(header_bytes)
+    maxima: dict[str, float] = {}
     with open(header.path, "rb") as src:
-        fd = src.fileno()
         for name in sorted(header.tensors):
             info = header.tensors[name]
-            position = info.start
-            while position < info.end:
-                chunk = os.pread(fd, min(COPY_CHUNK, info.end - position), position)
-                if not chunk:
-                    raise _bad(header.path, f"file shrank while reading tensor {name!r}")
+            for chunk in _chunks(src.fileno(), header, info):
                 if not allow_nonfinite and has_nonfinite(info.dtype, chunk):
                     raise InvalidAdapterError(
                         f"{header.path}: tensor {name!r} holds NaN or Inf values: fix the adapter, or pass "
                         "--allow-nonfinite to register it anyway"
                     )
+                if info.dtype in FLOAT_DTYPES:
+                    maxima[name] = max(maxima.get(name, 0.0), max_abs(info.dtype, chunk), key=_nan_wins)
                 out.write(chunk)
-                position += len(chunk)
+    return maxima
+
+
+def tensor_maxima(header: SafetensorsHeader) -> tuple[dict[str, float], str]:
+    """Each float tensor's largest magnitude, for a file stored before the catalog recorded
+    it, and the sha256 of the whole file, read once from start to end (so that values read
+    from a blob are checked against its digest)."""
+    maxima: dict[str, float] = {}
+    digest = hashlib.sha256()
+    with open(header.path, "rb") as src:
+        fd = src.fileno()
+        position = 0
+        for info in sorted(header.tensors.values(), key=lambda t: t.start):
+            digest.update(os.pread(fd, info.start - position, position))  # the header, or a gap
+            if info.dtype in FLOAT_DTYPES:
+                maxima[info.name] = 0.0
+            for chunk in _chunks(fd, header, info):
+                digest.update(chunk)
+                if info.dtype in FLOAT_DTYPES:
+                    maxima[info.name] = max(maxima[info.name], max_abs(info.dtype, chunk), key=_nan_wins)
+            position = info.end
+        for chunk in iter(lambda: os.pread(fd, COPY_CHUNK, position), b""):
+            digest.update(chunk)
+            position += len(chunk)
+    return maxima, digest.hexdigest()
+
+
+def _nan_wins(value: float) -> float:
+    """Sort key under which NaN is the largest value: a NaN anywhere makes the maximum NaN."""
+    return math.inf if math.isnan(value) else value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -11,7 +12,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from registry import faults
 from registry import lineage as lineage_queries
 from registry.adapters import AdapterMetadata, adapter_type
+from registry.adapters.base import record_magnitudes
 from registry.api.common import (
     CONFIG_FILE,
     INFO_COLUMNS,
@@ -75,7 +77,7 @@ from registry.refs import (
     parse_module_name,
     parse_reference,
 )
-from registry.safetensors_io import copy_canonical
+from registry.safetensors_io import copy_canonical, read_header, tensor_maxima
 from registry.schemas import (
     ModuleDetails,
     ModuleInfo,
@@ -231,9 +233,10 @@ class Catalog:
         check_lengths(base_model=metadata.base_model, base_revision=metadata.base_revision,
                       task_type=metadata.task_type, peft_type=metadata.peft_type)
         with self.store.writer() as writer:
-            copy_canonical(header, writer.sink, allow_nonfinite)
+            maxima = copy_canonical(header, writer.sink, allow_nonfinite)
             size = writer.sink.bytes_written
             digest = writer.commit()
+        record_magnitudes(metadata.layers, adapter_type(metadata.peft_type).tensor_suffixes, maxima)
         return config, metadata, digest, size
 
     def _register(
@@ -334,6 +337,34 @@ class Catalog:
                     ) from None
                 time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # let the other writer finish
         raise AssertionError("unreachable")
+
+    def _record_magnitudes(self, digests: Iterable[str], strict: bool = True) -> list[str]:
+        """Record each tensor's largest magnitude for modules stored before pem recorded it,
+        reading each blob once and checking it against its digest. Returns the digests
+        recorded. ``strict`` False skips a missing or corrupt blob (verify reports it)."""
+        recorded = []
+        for digest in dict.fromkeys(digests):
+            try:
+                maxima, actual = tensor_maxima(read_header(self.store.local_path(digest)))
+            except (BlobStoreError, InvalidAdapterError, OSError):
+                if strict:
+                    raise
+                continue
+            if actual != digest:
+                if strict:
+                    raise BlobStoreError(
+                        f"blob sha256:{digest[:12]} is corrupt: its bytes hash to sha256:{actual[:12]}: "
+                        "run `pem verify --all`"
+                    )
+                continue
+            with self._write_session() as session:
+                for module in session.scalars(select(Module).where(Module.digest == digest)):
+                    layers = copy.deepcopy(module.layers)  # a new value: the JSON column sees the change
+                    if record_magnitudes(layers, adapter_type(module.peft_type).tensor_suffixes, maxima):
+                        module.layers = layers
+                        if digest not in recorded:
+                            recorded.append(digest)
+        return recorded
 
     # --- finding ------------------------------------------------------------------------------
 

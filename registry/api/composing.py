@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from registry.adapters import adapter_type
+from registry.adapters.base import copy_magnitudes, has_magnitudes, record_magnitudes
 from registry.api.common import (
     check_lengths,
     environment,
@@ -119,6 +120,9 @@ class Composing:
         self._check_new_name_early(output_name)
         given = {"rank": rank, "density": density, "seed": seed, "majority_sign": majority_sign, "space": space}
         plan, _, _, violations = self._plan(expression, method, given, dtype, union)
+        if plan is not None and self._record_magnitudes(i.digest for i in plan.inputs if not has_magnitudes(i.layers)):
+            # Inputs registered before magnitudes were recorded: now known, check the range again.
+            plan, _, _, violations = self._plan(expression, method, given, dtype, union)
         if plan is None:
             raise IncompatibleModulesError(violations)
         identity = plan.identity()
@@ -138,18 +142,24 @@ class Composing:
             earlier = session.scalars(
                 select(Derivation).where(Derivation.identity == identity).order_by(Derivation.module_id)
             ).first()
-            reuse = (earlier.module.digest, earlier.results) if earlier is not None else None
+            reuse = (earlier.module.digest, earlier.results, earlier.module.layers) if earlier is not None else None
+        maxima: dict[str, float] = {}
         if reuse is not None and self.store.exists(reuse[0]):
-            digest, results = reuse  # the same derivation was computed before: share its blob
+            digest, results, _ = reuse  # the same derivation was computed before: share its blob
             size = self.store.size(digest)
         else:
             from registry.compose.engine import evaluate
 
-            digest, size, results = evaluate(plan, self.store, progress)
+            digest, size, results = evaluate(plan, self.store, progress, magnitudes=maxima)
+            reuse = None
             if "rank" in plan.parameters:  # requested (parameters) and effective rank, issue 14 item 11
                 results = {**results, "effective_rank": plan.max_rank}
         handler = adapter_type(plan.peft_type)
         metadata = handler.describe(plan.config, read_header(self.store.local_path(digest)))
+        if reuse is not None:
+            copy_magnitudes(reuse[2], metadata.layers)
+        else:
+            record_magnitudes(metadata.layers, handler.tensor_suffixes, maxima)
 
         def attach(session: Session, module: Module) -> None:
             session.add(Derivation(

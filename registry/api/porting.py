@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from registry import __version__, hosts
 from registry.adapters import adapter_type
+from registry.adapters.base import copy_magnitudes
 from registry.compose.plan import InputModule
 from registry.db.models import (
     BaseModelRecord,
@@ -151,6 +152,7 @@ class Porting:
             source = InputModule.from_row(module, a=Fraction(1), b=Fraction(1))
             digest, header = module.digest, read_header(self.store.local_path(module.digest))
         metadata = adapter_type(module.peft_type).describe(config, header)
+        copy_magnitudes(source.layers, metadata.layers)  # the same tensors
         parameters = {"from": report.from_base, "to": report.to_base, "level": report.level, "evidence": report.evidence}
         identity = hashlib.sha256(
             json.dumps(["port", 1, source.digest, source.config_digest, report.to_base], sort_keys=True).encode()

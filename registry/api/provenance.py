@@ -8,6 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from registry import lineage as lineage_queries
+from registry.adapters import adapter_type
+from registry.adapters.base import has_magnitudes
 from registry.db.models import (
     Derivation,
     DerivationInput,
@@ -131,5 +133,13 @@ class ProvenanceQueries:
                 modules = list(session.scalars(select(Module).order_by(Module.id)))
             else:
                 modules = [self._resolve(session, ref)]
-            return verify_modules(self, session, modules, progress)
+            report = verify_modules(self, session, modules, progress)
+            unmeasured = [m.digest for m in modules
+                          if adapter_type(m.peft_type).composable and not has_magnitudes(m.layers)]
+        # Modules stored before magnitudes were recorded get them now (blobs that fail their
+        # digest are skipped: the report names them).
+        recorded = self._record_magnitudes(unmeasured, strict=False)
+        if recorded:
+            report.notes.append(f"recorded the largest tensor values of {len(recorded)} blob(s) stored before pem recorded them")
+        return report
 
