@@ -18,10 +18,7 @@ from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from registry import faults
-from registry import lineage as lineage_queries
-from registry.adapters import AdapterMetadata, adapter_type
-from registry.adapters.base import record_magnitudes
+from registry import faults, lazy_module
 from registry.api.common import (
     CONFIG_FILE,
     INFO_COLUMNS,
@@ -43,7 +40,6 @@ from registry.api.common import (
     unknown_alias_error,
 )
 from registry.config import Settings
-from registry.db import migrate
 from registry.db.engine import (
     WRITE,
     current_revision,
@@ -77,7 +73,6 @@ from registry.refs import (
     parse_module_name,
     parse_reference,
 )
-from registry.safetensors_io import copy_canonical, read_header, tensor_maxima
 from registry.schemas import (
     ModuleDetails,
     ModuleInfo,
@@ -86,7 +81,12 @@ from registry.schemas import (
 from registry.store import BlobStore, open_store
 
 if TYPE_CHECKING:
+    from registry.adapters import AdapterMetadata
     from registry.api import Registry
+
+# Needed by some commands only: loaded on first use (start-up of `pem list`, `pem show`).
+lineage_queries = lazy_module("registry.lineage")
+migrate = lazy_module("registry.db.migrate")
 
 
 class Catalog:
@@ -217,6 +217,10 @@ class Catalog:
     ) -> tuple[dict[str, Any], AdapterMetadata, str, int]:
         """Validate an adapter folder and store its weights in canonical form: (config,
         metadata, digest, size). Every check runs before the blob is written."""
+        from registry.adapters import adapter_type
+        from registry.adapters.base import record_magnitudes
+        from registry.safetensors_io import copy_canonical
+
         config, header = read_adapter_folder(folder)
         config = dict(config)
         for field_name in ("base_model_name_or_path", "revision", "task_type"):
@@ -342,6 +346,10 @@ class Catalog:
         """Record each tensor's largest magnitude for modules stored before pem recorded it,
         reading each blob once and checking it against its digest. Returns the digests
         recorded. ``strict`` False skips a missing or corrupt blob (verify reports it)."""
+        from registry.adapters import adapter_type
+        from registry.adapters.base import record_magnitudes
+        from registry.safetensors_io import read_header, tensor_maxima
+
         recorded = []
         for digest in dict.fromkeys(digests):
             try:

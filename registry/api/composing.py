@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.adapters import adapter_type
-from registry.adapters.base import copy_magnitudes, has_magnitudes, record_magnitudes
 from registry.api.common import (
     check_lengths,
     environment,
     module_info,
 )
-from registry.compose.plan import InputModule, OutputPlan, bind_terms, build_plan, parse_expression
 from registry.db.models import (
     Derivation,
     DerivationInput,
@@ -28,12 +25,10 @@ from registry.errors import (
     NotFoundError,
     UnsupportedMethodError,
 )
-from registry.language import caret
 from registry.methods import DEFAULT_METHOD, get_method
 from registry.refs import (
     parse_module_name,
 )
-from registry.safetensors_io import read_header
 from registry.schemas import (
     CheckReport,
     Deviation,
@@ -41,6 +36,9 @@ from registry.schemas import (
     OutputSummary,
     TermInfo,
 )
+
+if TYPE_CHECKING:
+    from registry.compose.plan import InputModule, OutputPlan
 
 
 class Composing:
@@ -115,6 +113,11 @@ class Composing:
         its provenance. Asking again for the same derivation returns the existing module
         (``created`` False); another derivation under an existing name is refused unless
         ``new_version``."""
+        # Imported here: commands that never compose (list, show) should not pay for them.
+        from registry.adapters import adapter_type
+        from registry.adapters.base import copy_magnitudes, has_magnitudes, record_magnitudes
+        from registry.safetensors_io import read_header
+
         output_name = parse_module_name(name)
         check_lengths(description=description)
         self._check_new_name_early(output_name)
@@ -187,6 +190,9 @@ class Composing:
         self, expression: str, method_name: str, parameters: dict[str, Any], dtype: str | None, union: bool
     ) -> tuple[OutputPlan | None, list[InputModule], str, list[str]]:
         """Everything before tensors: (plan or None, inputs, canonical text, violations)."""
+        from registry.compose.plan import InputModule, bind_terms, build_plan, parse_expression
+        from registry.language import caret
+
         method = get_method(method_name)
         method.validate(parameters)  # before the catalog is read: a typo costs nothing
         tree, terms = parse_expression(expression)

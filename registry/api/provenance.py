@@ -8,8 +8,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from registry import lineage as lineage_queries
-from registry.adapters import adapter_type
-from registry.adapters.base import has_magnitudes
 from registry.db.models import (
     Derivation,
     DerivationInput,
@@ -126,6 +124,8 @@ class ProvenanceQueries:
     def verify(self, ref: str | None = None, *, progress: Any = None) -> VerifyReport:
         """Check blobs against their digests and re-run derivations (all modules when ``ref``
         is None). Read-only: re-derivations are computed in a scratch store and discarded."""
+        from registry.adapters import adapter_type
+        from registry.adapters.base import has_magnitudes
         from registry.verify import verify_modules
 
         with self._session() as session:
