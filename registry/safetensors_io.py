@@ -179,33 +179,26 @@ class HashingWriter:
         return self._hash.hexdigest()
 
 
-# Bit masks of the exponent field, per float dtype: all ones means NaN or Inf.
-_EXPONENT_MASKS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
-                   "F64": ("<u8", 0x7FF0000000000000)}
-
-
-def has_nonfinite(dtype: str, chunk: bytes) -> bool:
-    """Whether a chunk of little-endian floats holds a NaN or an Inf (checked on the bits,
-    without torch)."""
-    if dtype not in _EXPONENT_MASKS:
-        return False
-    import numpy
-
-    view, mask = _EXPONENT_MASKS[dtype]
-    bits = numpy.frombuffer(chunk, dtype=view)
-    return bool(numpy.any((bits & mask) == mask))
+# Per float dtype: its bits as an unsigned integer, and the mask that clears the sign. Without
+# the sign, IEEE floats order like their bits (NaN above Inf above every finite value), so
+# the largest magnitude is one integer max, with no float conversion (numpy has no bfloat16).
+_MAGNITUDE_BITS = {"F16": ("<u2", 0x7FFF), "BF16": ("<u2", 0x7FFF), "F32": ("<u4", 0x7FFFFFFF),
+                   "F64": ("<u8", 0x7FFFFFFFFFFFFFFF)}
 
 
 def max_abs(dtype: str, chunk: bytes) -> float:
-    """The largest magnitude in a chunk of little-endian floats (inf or nan when it holds
-    Inf or NaN; 0 when empty), read without torch."""
+    """The largest magnitude in a chunk of little-endian floats of a FLOAT_DTYPES dtype:
+    inf or nan when the chunk holds Inf or NaN, 0 when it is empty. Read without torch."""
     import numpy
 
-    if dtype == "BF16":  # numpy has no bfloat16: its bits are the top half of a float32
-        values = (numpy.frombuffer(chunk, dtype="<u2").astype(numpy.uint32) << 16).view(numpy.float32)
-    else:
-        values = numpy.frombuffer(chunk, dtype={"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])
-    return float(numpy.abs(values).max()) if values.size else 0.0
+    view, mask = _MAGNITUDE_BITS[dtype]
+    bits = numpy.frombuffer(chunk, dtype=view)
+    if not bits.size:
+        return 0.0
+    top = numpy.array([(bits & mask).max()], dtype=view)
+    if dtype == "BF16":  # the top half of a float32
+        return float((top.astype("<u4") << 16).view("<f4")[0])
+    return float(top.view({"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])[0])
 
 
 def _chunks(fd: int, header: SafetensorsHeader, info: TensorInfo) -> Iterable[bytes]:
@@ -229,13 +222,14 @@ def copy_canonical(header: SafetensorsHeader, out: HashingWriter, allow_nonfinit
         for name in sorted(header.tensors):
             info = header.tensors[name]
             for chunk in _chunks(src.fileno(), header, info):
-                if not allow_nonfinite and has_nonfinite(info.dtype, chunk):
-                    raise InvalidAdapterError(
-                        f"{header.path}: tensor {name!r} holds NaN or Inf values: fix the adapter, or pass "
-                        "--allow-nonfinite to register it anyway"
-                    )
-                if info.dtype in FLOAT_DTYPES:
-                    maxima[name] = max(maxima.get(name, 0.0), max_abs(info.dtype, chunk), key=_nan_wins)
+                if info.dtype in FLOAT_DTYPES:  # one pass finds both NaN or Inf and the maximum
+                    largest = max_abs(info.dtype, chunk)
+                    if not allow_nonfinite and not math.isfinite(largest):
+                        raise InvalidAdapterError(
+                            f"{header.path}: tensor {name!r} holds NaN or Inf values: fix the adapter, or pass "
+                            "--allow-nonfinite to register it anyway"
+                        )
+                    maxima[name] = max(maxima.get(name, 0.0), largest, key=_nan_wins)
                 out.write(chunk)
     return maxima
 
