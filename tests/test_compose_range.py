@@ -96,7 +96,8 @@ def forget_magnitudes(registry, ref: str) -> None:
     target = registry.resolve(ref)
     with registry._write_session() as session:
         module = session.get(Module, next(m for m in session.query(Module) if m.ref == target.ref).id)
-        module.layers = {name: {k: v for k, v in info.items() if k != "max_abs"} for name, info in module.layers.items()}
+        module.layers = {name: {k: v for k, v in info.items() if k != "max_abs"}
+                         for name, info in module.layers.items()}
     assert "max_abs" not in registry.get(ref).layers[LAYER]
 
 

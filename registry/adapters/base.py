@@ -304,6 +304,6 @@ def work_dtype_name(inputs: list[Any], dtype: str) -> str:
 
 def unknown_magnitudes_note(refs: set[str]) -> str:
     return (
-        f"the largest values of {', '.join(sorted(refs))} are not recorded (registered before pem recorded them), so whether the "
-        "result stays within its dtype's range is unknown until it is computed; `pem verify REF` records them"
+        f"the largest values of {', '.join(sorted(refs))} are not recorded (registered before pem recorded them), "
+        "so whether the result stays within its dtype's range is unknown until it is computed; `pem verify REF` records them"
     )

@@ -140,6 +140,8 @@ class ProvenanceQueries:
         # digest are skipped: the report names them).
         recorded = self._record_magnitudes(unmeasured, strict=False)
         if recorded:
-            report.notes.append(f"recorded the largest tensor values of {len(recorded)} blob(s) stored before pem recorded them")
+            report.notes.append(
+                f"recorded the largest tensor values of {len(recorded)} blob(s) stored before pem recorded them"
+            )
         return report
 
