@@ -123,7 +123,8 @@ class ProvenanceQueries:
 
     def verify(self, ref: str | None = None, *, progress: Any = None) -> VerifyReport:
         """Check blobs against their digests and re-run derivations (all modules when ``ref``
-        is None). Read-only: re-derivations are computed in a scratch store and discarded."""
+        is None). Re-derivations are computed in a scratch store and discarded; the one write is
+        the tensors' largest magnitudes of modules stored before pem recorded them."""
         from registry.adapters import adapter_type
         from registry.adapters.base import has_magnitudes
         from registry.verify import verify_modules
