@@ -64,6 +64,8 @@ class Composing:
         Incompatibilities are listed in the report (``composable`` False), not raised; a
         parameter the method does not take, or out of range, raises. ``deviation`` (LoRA)
         reads the tensors to measure how far the result's effect is from the exact sum."""
+        from registry.adapters import adapter_type
+
         given = {"rank": rank, "density": density, "seed": seed, "majority_sign": majority_sign, "space": space}
         plan, inputs, canonical_text, violations = self._plan(expression, method, given, dtype, union)
         report = CheckReport(
