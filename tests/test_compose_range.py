@@ -244,3 +244,13 @@ def test_a_corrupt_blob_is_not_measured(registry, x, no_evaluation) -> None:
     assert "max_abs" not in registry.get(x).layers[LAYER]
     assert not registry.verify(x).ok
     assert "max_abs" not in registry.get(x).layers[LAYER]
+
+
+def test_merge_methods_refuse_a_weight_beyond_float32(registry, x, no_evaluation) -> None:
+    # TIES and DARE weight s_i B_i A_i by b_i: b_i itself must be a float32 (their pruning and
+    # rescaling are not bounded here).
+    report = registry.check("1e39*team/x", method="ties", density=0.5)
+    assert report.violations == [
+        "the coefficient 1e+39 of team/x@1 is beyond the float32 range (3.403e+38): the result would not be finite"
+    ]
+    assert registry.check("2e38*team/x", method="ties", density=0.5).composable  # s is not applied to b
