@@ -34,6 +34,9 @@ DTYPE_SIZES: dict[str, int] = {
 }
 # Floating dtypes the composition engine accepts, with their torch names.
 FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# The largest finite value of each: a composition whose values may exceed it is refused.
+FLOAT_MAX = {"F64": 1.7976931348623157e308, "F32": 3.4028234663852886e38, "F16": 65504.0,
+             "BF16": 3.3895313892515355e38}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 MAX_DIMENSION = 2**31  # no adapter tensor has a larger dimension; a larger one is hostile
@@ -176,41 +179,85 @@ class HashingWriter:
         return self._hash.hexdigest()
 
 
-# Bit masks of the exponent field, per float dtype: all ones means NaN or Inf.
-_EXPONENT_MASKS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
-                   "F64": ("<u8", 0x7FF0000000000000)}
+# Per float dtype: its bits as an unsigned integer, and the mask that clears the sign. Without
+# the sign, IEEE floats order like their bits (NaN above Inf above every finite value), so
+# the largest magnitude is one integer max, with no float conversion (numpy has no bfloat16).
+_MAGNITUDE_BITS = {"F16": ("<u2", 0x7FFF), "BF16": ("<u2", 0x7FFF), "F32": ("<u4", 0x7FFFFFFF),
+                   "F64": ("<u8", 0x7FFFFFFFFFFFFFFF)}
 
 
-def has_nonfinite(dtype: str, chunk: bytes) -> bool:
-    """Whether a chunk of little-endian floats holds a NaN or an Inf (checked on the bits,
-    without torch)."""
-    if dtype not in _EXPONENT_MASKS:
-        return False
+def max_abs(dtype: str, chunk: bytes) -> float:
+    """The largest magnitude in a chunk of little-endian floats of a FLOAT_DTYPES dtype:
+    inf or nan when the chunk holds Inf or NaN, 0 when it is empty. Read without torch."""
     import numpy
 
-    view, mask = _EXPONENT_MASKS[dtype]
+    view, mask = _MAGNITUDE_BITS[dtype]
     bits = numpy.frombuffer(chunk, dtype=view)
-    return bool(numpy.any((bits & mask) == mask))
+    if not bits.size:
+        return 0.0
+    top = numpy.array([(bits & mask).max()], dtype=view)
+    if dtype == "BF16":  # the top half of a float32
+        return float((top.astype("<u4") << 16).view("<f4")[0])
+    return float(top.view({"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])[0])
 
 
-def copy_canonical(header: SafetensorsHeader, out: HashingWriter, allow_nonfinite: bool = False) -> None:
+def _chunks(fd: int, header: SafetensorsHeader, info: TensorInfo) -> Iterable[bytes]:
+    position = info.start
+    while position < info.end:
+        chunk = os.pread(fd, min(COPY_CHUNK, info.end - position), position)
+        if not chunk:
+            raise _bad(header.path, f"file shrank while reading tensor {info.name!r}")
+        yield chunk
+        position += len(chunk)
+
+
+def copy_canonical(header: SafetensorsHeader, out: HashingWriter, allow_nonfinite: bool = False) -> dict[str, float]:
     """Write the canonical form of the file behind ``header`` to ``out``; refuse NaN or Inf
-    values unless ``allow_nonfinite``."""
+    values unless ``allow_nonfinite``. Returns each float tensor's largest magnitude, read
+    on the way (the catalog records it to bound compositions before reading tensors)."""
     header_bytes, _ = canonical_header((t.name, t.dtype, t.shape) for t in header.tensors.values())
     out.write(header_bytes)
+    maxima: dict[str, float] = {}
     with open(header.path, "rb") as src:
-        fd = src.fileno()
         for name in sorted(header.tensors):
             info = header.tensors[name]
-            position = info.start
-            while position < info.end:
-                chunk = os.pread(fd, min(COPY_CHUNK, info.end - position), position)
-                if not chunk:
-                    raise _bad(header.path, f"file shrank while reading tensor {name!r}")
-                if not allow_nonfinite and has_nonfinite(info.dtype, chunk):
-                    raise InvalidAdapterError(
-                        f"{header.path}: tensor {name!r} holds NaN or Inf values: fix the adapter, or pass "
-                        "--allow-nonfinite to register it anyway"
-                    )
+            for chunk in _chunks(src.fileno(), header, info):
+                if info.dtype in FLOAT_DTYPES:  # one pass finds both NaN or Inf and the maximum
+                    largest = max_abs(info.dtype, chunk)
+                    if not allow_nonfinite and not math.isfinite(largest):
+                        raise InvalidAdapterError(
+                            f"{header.path}: tensor {name!r} holds NaN or Inf values: fix the adapter, or pass "
+                            "--allow-nonfinite to register it anyway"
+                        )
+                    maxima[name] = max(maxima.get(name, 0.0), largest, key=_nan_wins)
                 out.write(chunk)
-                position += len(chunk)
+    return maxima
+
+
+def tensor_maxima(header: SafetensorsHeader) -> tuple[dict[str, float], str]:
+    """Each float tensor's largest magnitude, for a file stored before the catalog recorded
+    it, and the sha256 of the whole file, read once from start to end (so that values read
+    from a blob are checked against its digest)."""
+    maxima: dict[str, float] = {}
+    digest = hashlib.sha256()
+    with open(header.path, "rb") as src:
+        fd = src.fileno()
+        position = 0
+        for info in sorted(header.tensors.values(), key=lambda t: t.start):
+            digest.update(os.pread(fd, info.start - position, position))  # the header, or a gap
+            if info.dtype in FLOAT_DTYPES:
+                maxima[info.name] = 0.0
+            for chunk in _chunks(fd, header, info):
+                digest.update(chunk)
+                if info.dtype in FLOAT_DTYPES:
+                    maxima[info.name] = max(maxima[info.name], max_abs(info.dtype, chunk), key=_nan_wins)
+            position = info.end
+        for chunk in iter(lambda: os.pread(fd, COPY_CHUNK, position), b""):
+            digest.update(chunk)
+            position += len(chunk)
+    return maxima, digest.hexdigest()
+
+
+def _nan_wins(value: float) -> float:
+    """Sort key under which NaN is the largest value: a NaN anywhere makes the maximum NaN."""
+    return math.inf if math.isnan(value) else value

@@ -9,7 +9,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel as PydanticModel
+from pydantic import ConfigDict, Field, model_validator
+
+
+class BaseModel(PydanticModel):
+    """Every result: its validator and serializer are built on first use, not on import
+    (building all of them took most of this module's import time, paid by every command)."""
+
+    model_config = ConfigDict(defer_build=True)
+
 
 SCHEMA_VERSION = 1
 

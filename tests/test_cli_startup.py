@@ -84,3 +84,20 @@ def test_command_does_not_import_heavy_packages(home, args, expected):
     for line in result.stderr.splitlines():
         if line.startswith("import time:"):
             assert not any(name in line for name in HEAVY), line
+
+
+# What `pem list` and `pem show` never need: the expression language (and lark), the planner
+# and the per-type adapters, the Hub and hosts code, migrations, numpy. They were imported by
+# every command until issue 14; each costs start-up time (bench/startup.py).
+NOT_FOR_READING = {"lark", "alembic", "huggingface_hub", "numpy", "registry.language", "registry.compose",
+                   "registry.adapters", "registry.hub", "registry.hosts", "registry.db.migrate", "registry.verify",
+                   "registry.lineage"}
+
+
+@pytest.mark.parametrize("args", [["list"], ["list", "--json"], ["show", "team/tiny"], ["show", "team/tiny", "--json"]])
+def test_reading_commands_import_only_what_they_need(home, args):
+    result = run_pem(*args, home=home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    modules = imported_modules(result.stderr)
+    unneeded = sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_FOR_READING))
+    assert unneeded == []

@@ -306,7 +306,7 @@ def test_a_composition_that_overflows_is_refused_and_registers_nothing(
 
     line = assert_clean_error(invoke("compose", "10000*big/a + 10000*big/b", "--name", "big/sum"))
     assert "finite" in line.lower()
-    with pytest.raises(IncompatibleModulesError, match="not finite"):
+    with pytest.raises(IncompatibleModulesError, match="not (be )?finite"):
         registry.compose("10000*big/a + 10000*big/b", "big/sum")
 
     assert [m.ref for m in registry.list()] == before_modules

@@ -86,8 +86,10 @@ def test_re_adding_the_content_repairs_a_damaged_blob(registry, home, tmp_path, 
 
 def test_a_single_input_scaled_beyond_the_float_range_is_reported_not_raised(registry, tmp_path):
     """--(team/a / 1e-300) with `module`: the effect a*b = 1e600 cannot be a float; check
-    reports it in a note instead of failing with OverflowError."""
+    reports it instead of failing with OverflowError (since issue 14: as a violation, the
+    coefficient being beyond the float32 range the arithmetic runs in)."""
     registry.add(make_numpy_lora(tmp_path / "a", seed=1), "team/a")
     report = registry.check("-(-(team/a / 1e-300))")
     assert report.terms[0].b == 1e300
-    assert any("beyond the float range" in note for note in report.notes)
+    assert not report.composable
+    assert any("1e+300" in v and "beyond the float32 range" in v for v in report.violations)

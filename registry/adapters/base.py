@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from registry.errors import InvalidAdapterError
-from registry.safetensors_io import FLOAT_DTYPES, SafetensorsHeader
+from registry.safetensors_io import FLOAT_DTYPES, FLOAT_MAX, SafetensorsHeader
 
 PEFT_PREFIX = "base_model.model."
 # A composing process before its first layer (interpreter, torch, the registry), on this
@@ -91,6 +91,12 @@ class AdapterType:
             "estimated_seconds": round(START_SECONDS + read / 1e9, 1),
             "estimated_peak_bytes": int(START_BYTES + largest * (len(plan.inputs) + 2)),
         }
+
+    def range_problems(self, inputs: list[Any], method: str, dtype: str) -> tuple[list[str], list[str]]:
+        """(violations, notes): whether the output of ``method`` in safetensors ``dtype`` can
+        exceed the dtype's range, decided from the coefficients and the inputs' recorded
+        magnitudes (:data:`MAX_ABS`) before any tensor is read."""
+        return [], []
 
     def compute(self) -> Any:
         """The module with ``compute_layer`` and ``finish`` (imports torch)."""
@@ -236,3 +242,68 @@ def config_present(config: dict[str, Any], field_name: str, kinds: tuple[type, .
     if value is not None and not isinstance(value, kinds):
         raise config_error(field_name, expected, value)
     return bool(value)
+
+
+# --- magnitudes: each tensor's largest |value|, recorded per layer when a module is stored ------
+
+# The key in a layer's description: {param: max |value| of its tensor}, None when the tensor
+# holds NaN or Inf. Absent for modules registered before pem recorded it.
+MAX_ABS = "max_abs"
+
+
+def record_magnitudes(layers: dict[str, dict[str, Any]], suffixes: dict[str, str], maxima: dict[str, float]) -> bool:
+    """Write ``maxima`` (tensor name -> max |value|) into each layer's description; returns
+    whether anything changed. ``suffixes`` is the type's ``tensor_suffixes``."""
+    suffix_of = {param: suffix for suffix, param in suffixes.items()}
+    changed = False
+    for layer, info in layers.items():
+        names = {param: layer + suffix_of[param] for param in info["params"] if param in suffix_of}
+        if not names or not all(name in maxima for name in names.values()):
+            continue
+        recorded = {param: (maxima[name] if math.isfinite(maxima[name]) else None) for param, name in names.items()}
+        if info.get(MAX_ABS) != recorded:
+            info[MAX_ABS] = recorded
+            changed = True
+    return changed
+
+
+def copy_magnitudes(source: dict[str, dict[str, Any]], target: dict[str, dict[str, Any]]) -> None:
+    """Magnitudes of a module sharing the same tensors (a port, a reused derivation)."""
+    for layer, info in target.items():
+        if MAX_ABS in source.get(layer, {}):
+            info[MAX_ABS] = dict(source[layer][MAX_ABS])
+
+
+def has_magnitudes(layers: dict[str, dict[str, Any]]) -> bool:
+    return all(MAX_ABS in info for info in layers.values())
+
+
+def layer_magnitudes(inputs: list[Any], layer: str) -> tuple[list[tuple[Any, dict[str, Any]]], list[Any], list[Any]]:
+    """For the inputs that adapt ``layer``: (input, layer description) pairs, the inputs whose
+    magnitudes are not recorded, and those whose tensors hold NaN or Inf there."""
+    present = [(i, i.layers[layer]) for i in inputs if layer in i.layers]
+    unknown = [i for i, info in present if MAX_ABS not in info]
+    nonfinite = [i for i, info in present if MAX_ABS in info and None in info[MAX_ABS].values()]
+    return present, unknown, nonfinite
+
+
+def beyond(value: Any, dtype: str) -> bool:
+    """Whether ``value`` (a float, or an exact Fraction) exceeds the largest finite value of
+    safetensors ``dtype``; compared exactly, so no product overflows on the way."""
+    from fractions import Fraction
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return True
+    return abs(Fraction(value)) > Fraction(FLOAT_MAX[dtype])
+
+
+def work_dtype_name(inputs: list[Any], dtype: str) -> str:
+    """The dtype the engine computes in (registry.compose.engine.work_dtype), without torch."""
+    return "F64" if dtype == "F64" or any(i.dtype == "F64" for i in inputs) else "F32"
+
+
+def unknown_magnitudes_note(refs: set[str]) -> str:
+    return (
+        f"the largest values of {', '.join(sorted(refs))} are not recorded (registered before pem recorded them), "
+        "so whether the result stays within its dtype's range is unknown until it is computed; `pem verify REF` records them"
+    )

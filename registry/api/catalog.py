@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -11,15 +12,13 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from registry import faults
-from registry import lineage as lineage_queries
-from registry.adapters import AdapterMetadata, adapter_type
+from registry import faults, lazy_module
 from registry.api.common import (
     CONFIG_FILE,
     INFO_COLUMNS,
@@ -41,7 +40,6 @@ from registry.api.common import (
     unknown_alias_error,
 )
 from registry.config import Settings
-from registry.db import migrate
 from registry.db.engine import (
     WRITE,
     current_revision,
@@ -77,7 +75,6 @@ from registry.refs import (
     parse_module_name,
     parse_reference,
 )
-from registry.safetensors_io import copy_canonical
 from registry.schemas import (
     ModuleDetails,
     ModuleInfo,
@@ -86,7 +83,12 @@ from registry.schemas import (
 from registry.store import BlobStore, open_store
 
 if TYPE_CHECKING:
+    from registry.adapters import AdapterMetadata
     from registry.api import Registry
+
+# Needed by some commands only: loaded on first use (start-up of `pem list`, `pem show`).
+lineage_queries = lazy_module("registry.lineage")
+migrate = lazy_module("registry.db.migrate")
 
 
 class Catalog:
@@ -217,6 +219,10 @@ class Catalog:
     ) -> tuple[dict[str, Any], AdapterMetadata, str, int]:
         """Validate an adapter folder and store its weights in canonical form: (config,
         metadata, digest, size). Every check runs before the blob is written."""
+        from registry.adapters import adapter_type
+        from registry.adapters.base import record_magnitudes
+        from registry.safetensors_io import copy_canonical
+
         config, header = read_adapter_folder(folder)
         config = dict(config)
         for field_name in ("base_model_name_or_path", "revision", "task_type"):
@@ -233,9 +239,10 @@ class Catalog:
         check_lengths(base_model=metadata.base_model, base_revision=metadata.base_revision,
                       task_type=metadata.task_type, peft_type=metadata.peft_type)
         with self.store.writer() as writer:
-            copy_canonical(header, writer.sink, allow_nonfinite)
+            maxima = copy_canonical(header, writer.sink, allow_nonfinite)
             size = writer.sink.bytes_written
             digest = writer.commit()
+        record_magnitudes(metadata.layers, adapter_type(metadata.peft_type).tensor_suffixes, maxima)
         return config, metadata, digest, size
 
     def _register(
@@ -348,6 +355,38 @@ class Catalog:
                     raise DatabaseError(f"could not register {name}: {first_line(exc)}") from None
                 time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # let the other writer finish
         raise AssertionError("unreachable")
+
+    def _record_magnitudes(self, digests: Iterable[str], strict: bool = True) -> list[str]:
+        """Record each tensor's largest magnitude for modules stored before pem recorded it,
+        reading each blob once and checking it against its digest. Returns the digests
+        recorded. ``strict`` False skips a missing or corrupt blob (verify reports it)."""
+        from registry.adapters import adapter_type
+        from registry.adapters.base import record_magnitudes
+        from registry.safetensors_io import read_header, tensor_maxima
+
+        recorded = []
+        for digest in dict.fromkeys(digests):
+            try:
+                maxima, actual = tensor_maxima(read_header(self.store.local_path(digest)))
+            except (BlobStoreError, InvalidAdapterError, OSError):
+                if strict:
+                    raise
+                continue
+            if actual != digest:
+                if strict:
+                    raise BlobStoreError(
+                        f"blob sha256:{digest[:12]} is corrupt: its bytes hash to sha256:{actual[:12]}: "
+                        "run `pem verify --all`"
+                    )
+                continue
+            with self._write_session() as session:
+                for module in session.scalars(select(Module).where(Module.digest == digest)):
+                    layers = copy.deepcopy(module.layers)  # a new value: the JSON column sees the change
+                    if record_magnitudes(layers, adapter_type(module.peft_type).tensor_suffixes, maxima):
+                        module.layers = layers
+                        if digest not in recorded:
+                            recorded.append(digest)
+        return recorded
 
     # --- finding ------------------------------------------------------------------------------
 

@@ -10,12 +10,12 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.orm import Session
 
-from registry import lineage as lineage_queries
+from registry import lazy_module
 from registry.db.models import Alias as AliasRow
 from registry.db.models import (
     Module,
@@ -33,13 +33,17 @@ from registry.refs import (
     number_segment,
     too_long,
 )
-from registry.safetensors_io import SafetensorsHeader, read_header
 from registry.schemas import (
     ModuleDetails,
     ModuleInfo,
     Provenance,
     ProvenanceInput,
 )
+
+if TYPE_CHECKING:
+    from registry.safetensors_io import SafetensorsHeader
+
+lineage_queries = lazy_module("registry.lineage")  # for provenance only: loaded on first use
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -97,6 +101,8 @@ def canonical_json_digest(value: Any) -> str:
 
 def read_adapter_folder(folder: Path) -> tuple[dict[str, Any], SafetensorsHeader]:
     """Validate a PEFT adapter folder and read its config and weights header (no tensor data)."""
+    from registry.safetensors_io import read_header
+
     if not folder.is_dir():
         raise InvalidAdapterError(f"{folder} is not a folder: pass a PEFT adapter folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
     config_path = folder / CONFIG_FILE

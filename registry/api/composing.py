@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.adapters import adapter_type
 from registry.api.common import (
     check_lengths,
     environment,
     module_info,
 )
-from registry.compose.plan import InputModule, OutputPlan, bind_terms, build_plan, parse_expression
 from registry.db.models import (
     Derivation,
     DerivationInput,
@@ -27,12 +25,10 @@ from registry.errors import (
     NotFoundError,
     UnsupportedMethodError,
 )
-from registry.language import caret
 from registry.methods import DEFAULT_METHOD, get_method
 from registry.refs import (
     parse_module_name,
 )
-from registry.safetensors_io import read_header
 from registry.schemas import (
     CheckReport,
     Deviation,
@@ -40,6 +36,9 @@ from registry.schemas import (
     OutputSummary,
     TermInfo,
 )
+
+if TYPE_CHECKING:
+    from registry.compose.plan import InputModule, OutputPlan
 
 
 class Composing:
@@ -65,6 +64,8 @@ class Composing:
         Incompatibilities are listed in the report (``composable`` False), not raised; a
         parameter the method does not take, or out of range, raises. ``deviation`` (LoRA)
         reads the tensors to measure how far the result's effect is from the exact sum."""
+        from registry.adapters import adapter_type
+
         given = {"rank": rank, "density": density, "seed": seed, "majority_sign": majority_sign, "space": space}
         plan, inputs, canonical_text, violations = self._plan(expression, method, given, dtype, union)
         report = CheckReport(
@@ -114,11 +115,19 @@ class Composing:
         its provenance. Asking again for the same derivation returns the existing module
         (``created`` False); another derivation under an existing name is refused unless
         ``new_version``."""
+        # Imported here: commands that never compose (list, show) should not pay for them.
+        from registry.adapters import adapter_type
+        from registry.adapters.base import copy_magnitudes, has_magnitudes, record_magnitudes
+        from registry.safetensors_io import read_header
+
         output_name = parse_module_name(name)
         check_lengths(description=description)
         self._check_new_name_early(output_name)
         given = {"rank": rank, "density": density, "seed": seed, "majority_sign": majority_sign, "space": space}
         plan, _, _, violations = self._plan(expression, method, given, dtype, union)
+        if plan is not None and self._record_magnitudes(i.digest for i in plan.inputs if not has_magnitudes(i.layers)):
+            # Inputs registered before magnitudes were recorded: now known, check the range again.
+            plan, _, _, violations = self._plan(expression, method, given, dtype, union)
         if plan is None:
             raise IncompatibleModulesError(violations)
         identity = plan.identity()
@@ -138,18 +147,24 @@ class Composing:
             earlier = session.scalars(
                 select(Derivation).where(Derivation.identity == identity).order_by(Derivation.module_id)
             ).first()
-            reuse = (earlier.module.digest, earlier.results) if earlier is not None else None
+            reuse = (earlier.module.digest, earlier.results, earlier.module.layers) if earlier is not None else None
+        maxima: dict[str, float] = {}
         if reuse is not None and self.store.exists(reuse[0]):
-            digest, results = reuse  # the same derivation was computed before: share its blob
+            digest, results, _ = reuse  # the same derivation was computed before: share its blob
             size = self.store.size(digest)
         else:
             from registry.compose.engine import evaluate
 
-            digest, size, results = evaluate(plan, self.store, progress)
+            digest, size, results = evaluate(plan, self.store, progress, magnitudes=maxima)
+            reuse = None
             if "rank" in plan.parameters:  # requested (parameters) and effective rank, issue 14 item 11
                 results = {**results, "effective_rank": plan.max_rank}
         handler = adapter_type(plan.peft_type)
         metadata = handler.describe(plan.config, read_header(self.store.local_path(digest)))
+        if reuse is not None:
+            copy_magnitudes(reuse[2], metadata.layers)
+        else:
+            record_magnitudes(metadata.layers, handler.tensor_suffixes, maxima)
 
         def attach(session: Session, module: Module) -> None:
             session.add(Derivation(
@@ -178,6 +193,9 @@ class Composing:
         self, expression: str, method_name: str, parameters: dict[str, Any], dtype: str | None, union: bool
     ) -> tuple[OutputPlan | None, list[InputModule], str, list[str]]:
         """Everything before tensors: (plan or None, inputs, canonical text, violations)."""
+        from registry.compose.plan import InputModule, bind_terms, build_plan, parse_expression
+        from registry.language import caret
+
         method = get_method(method_name)
         method.validate(parameters)  # before the catalog is read: a typo costs nothing
         tree, terms = parse_expression(expression)

@@ -12,7 +12,7 @@ from typing import Iterator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from registry import faults, hub
+from registry import faults, lazy_module
 from registry.api.common import (
     WEIGHTS_FILE,
     check_lengths,
@@ -43,6 +43,8 @@ from registry.schemas import (
     SyncStatus,
 )
 
+
+hub = lazy_module("registry.hub")  # loaded on first use: only pull, push and sync need it
 
 class HubSync:
     """Part of :class:`registry.Registry` (see registry/api/__init__.py)."""

@@ -11,9 +11,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from registry import __version__, hosts
-from registry.adapters import adapter_type
-from registry.compose.plan import InputModule
+from registry import __version__, lazy_module
 from registry.db.models import (
     BaseModelRecord,
     Derivation,
@@ -31,13 +29,14 @@ from registry.refs import (
     parse_base_reference,
     parse_module_name,
 )
-from registry.safetensors_io import read_header
 from registry.schemas import (
     BaseModelInfo,
     ModuleInfo,
     PortReport,
 )
 
+
+hosts = lazy_module("registry.hosts")  # loaded on first use: most commands never port
 
 class Porting:
     """Part of :class:`registry.Registry` (see registry/api/__init__.py)."""
@@ -134,6 +133,11 @@ class Porting:
     def port(self, ref: str, to: str, name: str) -> ModuleInfo:
         """A new module (kind ``ported``) with the same tensors (the blob is shared) on host
         ``to``, with a provenance recording the port. Refused unless the host is compatible."""
+        from registry.adapters import adapter_type
+        from registry.adapters.base import copy_magnitudes
+        from registry.compose.plan import InputModule
+        from registry.safetensors_io import read_header
+
         output_name = parse_module_name(name)
         with self._session() as session:
             module = self._resolve(session, ref)
@@ -151,6 +155,7 @@ class Porting:
             source = InputModule.from_row(module, a=Fraction(1), b=Fraction(1))
             digest, header = module.digest, read_header(self.store.local_path(module.digest))
         metadata = adapter_type(module.peft_type).describe(config, header)
+        copy_magnitudes(source.layers, metadata.layers)  # the same tensors
         parameters = {"from": report.from_base, "to": report.to_base, "level": report.level, "evidence": report.evidence}
         identity = hashlib.sha256(
             json.dumps(["port", 1, source.digest, source.config_digest, report.to_base], sort_keys=True).encode()

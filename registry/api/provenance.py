@@ -130,7 +130,10 @@ class ProvenanceQueries:
 
     def verify(self, ref: str | None = None, *, progress: Any = None) -> VerifyReport:
         """Check blobs against their digests and re-run derivations (all modules when ``ref``
-        is None). Read-only: re-derivations are computed in a scratch store and discarded."""
+        is None). Re-derivations are computed in a scratch store and discarded; the one write is
+        the tensors' largest magnitudes of modules stored before pem recorded them."""
+        from registry.adapters import adapter_type
+        from registry.adapters.base import has_magnitudes
         from registry.verify import verify_modules
 
         with self._session() as session:
@@ -140,7 +143,17 @@ class ProvenanceQueries:
             else:
                 modules = [self._resolve(session, ref)]
                 graph = lineage_queries.graph_problems(session, modules[0].id)
-            return verify_modules(self, session, modules, progress, graph)
+            report = verify_modules(self, session, modules, progress, graph)
+            unmeasured = [m.digest for m in modules
+                          if adapter_type(m.peft_type).composable and not has_magnitudes(m.layers)]
+        # Modules stored before magnitudes were recorded get them now (blobs that fail their
+        # digest are skipped: the report names them).
+        recorded = self._record_magnitudes(unmeasured, strict=False)
+        if recorded:
+            report.notes.append(
+                f"recorded the largest tensor values of {len(recorded)} blob(s) stored before pem recorded them"
+            )
+        return report
 
 
 def stop_at_cycle(session: Session, root_id: int, edges: list[Any]) -> None:

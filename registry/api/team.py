@@ -6,7 +6,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -52,7 +52,9 @@ from registry.schemas import (
     ModuleInfo,
 )
 from registry.store import BlobStore, open_store
-from registry.store.cache import CacheInfo
+
+if TYPE_CHECKING:
+    from registry.store.cache import CacheInfo
 
 
 class Team:

@@ -147,6 +147,9 @@ def build_plan(
         return None, violations
     out_dtype = output_dtype(inputs, dtype)
     typed = handler.plan_output(inputs, method.name, method.validate(parameters), out_dtype)
+    range_violations, range_notes = handler.range_problems(inputs, method.name, out_dtype)
+    if range_violations:
+        return None, range_violations
     plan = OutputPlan(
         method=method,
         parameters={**typed.parameters, "union": union, "dtype": out_dtype},
@@ -159,7 +162,7 @@ def build_plan(
         expression=expression,
         canonical=canonical_text,
         union=union,
-        notes=typed.notes,
+        notes=typed.notes + range_notes,
     )
     return plan, []
 

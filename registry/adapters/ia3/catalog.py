@@ -20,7 +20,7 @@ from registry.adapters.base import (
     split_tensor_names,
     target_modules_list,
 )
-from registry.adapters.ia3.plan import plan_output
+from registry.adapters.ia3.plan import plan_output, range_problems
 from registry.errors import InvalidAdapterError
 from registry.safetensors_io import SafetensorsHeader
 
@@ -51,6 +51,9 @@ class IA3Type(AdapterType):
 
     def plan_output(self, inputs: list[Any], method: str, parameters: dict[str, Any], dtype: str) -> TypePlan:
         return plan_output(inputs, method, parameters, dtype)
+
+    def range_problems(self, inputs: list[Any], method: str, dtype: str) -> tuple[list[str], list[str]]:
+        return range_problems(inputs, method, dtype)
 
     def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
         require_float(header)

@@ -27,7 +27,7 @@ from registry.adapters.base import (
     split_tensor_names,
     target_modules_list,
 )
-from registry.adapters.lora.plan import estimate, plan_output
+from registry.adapters.lora.plan import estimate, plan_output, range_problems
 from registry.errors import InvalidAdapterError
 from registry.safetensors_io import SafetensorsHeader
 
@@ -83,6 +83,9 @@ class LoraType(AdapterType):
 
     def estimate(self, plan: Any) -> dict[str, float | int]:
         return estimate(plan)
+
+    def range_problems(self, inputs: list[Any], method: str, dtype: str) -> tuple[list[str], list[str]]:
+        return range_problems(inputs, method, dtype)
 
     def describe(self, config: dict[str, Any], header: SafetensorsHeader) -> AdapterMetadata:
         require_float(header)

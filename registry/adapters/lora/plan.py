@@ -8,11 +8,24 @@ or DoRA cannot leak into a result whose arithmetic did not use them (SEMANTICS.m
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
+from fractions import Fraction
 from typing import Any
 
-from registry.adapters.base import START_BYTES, START_SECONDS, TypePlan, module_key
+from registry.adapters.base import (
+    MAX_ABS,
+    START_BYTES,
+    START_SECONDS,
+    TypePlan,
+    beyond,
+    layer_magnitudes,
+    module_key,
+    unknown_magnitudes_note,
+    work_dtype_name,
+)
+from registry.safetensors_io import FLOAT_DTYPES, FLOAT_MAX
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
@@ -160,3 +173,91 @@ def estimate(plan: Any) -> dict[str, float | int]:
             layer_bytes = m * n * (count * (work + 1) + 4 * work)
         peak = max(peak, layer_bytes)
     return {"estimated_seconds": round(seconds, 1), "estimated_peak_bytes": int(START_BYTES + peak)}
+
+
+# --- range: can the output exceed its dtype? (before any tensor is read) ----------------------
+
+
+def range_problems(inputs: list[Any], method: str, dtype: str) -> tuple[list[str], list[str]]:
+    """Refuse what the coefficients alone make non-finite (a scalar the arithmetic applies
+    that the working dtype cannot hold), then bound each layer's B@A with the recorded
+    magnitudes: |(B@A)_ij| <= r * max|B| * max|A|, with the coefficients folded into max|A|
+    and max|B| as the method applies them."""
+    violations = _coefficient_problems(inputs, method, work_dtype_name(inputs, dtype))
+    if violations:
+        return violations, []
+    unknown: set[str] = set()  # refs
+    nonfinite: dict[str, str] = {}  # ref -> first layer
+    exceeded: list[tuple[float, str, str]] = []  # (bound, what, layer)
+    for layer in sorted({layer for i in inputs for layer in i.layers}):
+        present, missing, broken = layer_magnitudes(inputs, layer)
+        unknown.update(i.ref for i in missing)
+        for module in broken:
+            nonfinite.setdefault(module.ref, layer)
+        if missing or broken:
+            continue
+        exceeded.extend(
+            (bound, what, layer) for what, bound in layer_bounds(present, method).items() if beyond(bound, dtype)
+        )
+    for ref, layer in nonfinite.items():
+        violations.append(f"{ref} holds NaN or Inf values at {module_key(layer)}: the result would not be finite")
+    if exceeded:
+        bound, what, layer = max(exceeded, key=lambda item: item[0])
+        others = len({layer for _, _, layer in exceeded}) - 1
+        violations.append(
+            f"the result would not be finite in {FLOAT_DTYPES[dtype]}: {what} at {module_key(layer)} may reach "
+            f"{_magnitude(bound)} (rank x max|B| x max|A| x coefficients), beyond its largest value "
+            f"{FLOAT_MAX[dtype]:.4g}" + (f"; so may {others} other layers" if others else "")
+            + ": lower the coefficients"
+        )
+    notes = [unknown_magnitudes_note(unknown)] if unknown and not violations else []
+    return violations, notes
+
+
+def layer_bounds(present: list[tuple[Any, dict[str, Any]]], method: str) -> dict[str, float]:
+    """Upper bounds of |value| in one output layer, from each input's (module, layer
+    description with recorded magnitudes): the factors the method writes and their product."""
+    def terms():  # (r_i, a_i, |b_i| s_i, max|A_i|, max|B_i|)
+        for module, info in present:
+            yield (info["rank"], float(module.a), abs(float(module.b)) * info["scaling"],
+                   info[MAX_ABS]["lora_A"], info[MAX_ABS]["lora_B"])
+
+    if method == "module":  # A = sum a_i A_i, B = sum b_i s_i B_i, all of rank r
+        rank = present[0][1]["rank"]
+        a_bound = sum(a * max_a for _, a, _, max_a, _ in terms())
+        b_bound = sum(bs * max_b for _, _, bs, _, max_b in terms())
+        return {"lora_A": a_bound, "lora_B": b_bound, "B@A": rank * b_bound * a_bound}
+    effect = sum(r * bs * max_a * max_b for r, _, bs, max_a, max_b in terms())  # sum b_i s_i B_i A_i
+    if method == "exact":  # A = concat(b_i s_i A_i), B = concat(B_i)
+        return {
+            "lora_A": max(bs * max_a for _, _, bs, max_a, _ in terms()),
+            "lora_B": max(max_b for *_, max_b in terms()),
+            "B@A": effect,
+        }
+    if method == "svd":  # truncates the exact effect
+        return {"B@A": effect}
+    return {}  # the non-linear merges prune and rescale the effects: no bound here
+
+
+def _coefficient_problems(inputs: list[Any], method: str, work: str) -> list[str]:
+    problems = []
+    for module in inputs:
+        scaling = max(info["scaling"] for info in module.layers.values())
+        if method == "module" and beyond(module.a, work):
+            problems.append(
+                f"the coefficient {_number(module.a)} (unsigned, on A) of {module.ref} is beyond the "
+                f"{FLOAT_DTYPES[work]} range ({FLOAT_MAX[work]:.4g}): the result would not be finite"
+            )
+        # module, exact and svd multiply a factor by b_i s_i; the merges multiply s_i B_i A_i by b_i.
+        on_factor = method in ("module", "exact", "svd")
+        if beyond(Fraction(module.b) * Fraction(scaling) if on_factor else module.b, work):
+            times = f" times its scaling {scaling:g}" if on_factor else ""
+            problems.append(
+                f"the coefficient {_number(module.b)} of {module.ref}{times} is beyond the "
+                f"{FLOAT_DTYPES[work]} range ({FLOAT_MAX[work]:.4g}): the result would not be finite"
+            )
+    return problems
+
+
+def _magnitude(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else "more than 1.8e+308"
