@@ -197,7 +197,7 @@ def remove_meanwhile(monkeypatch, registry, target: object, attribute: str, ref:
 def test_port_whose_source_is_removed_meanwhile_registers_nothing(registry, tmp_path: Path, monkeypatch) -> None:
     import json
 
-    from registry.api import porting
+    from registry import safetensors_io  # port imports read_header from it when it runs
 
     source = registry.add(make_adapter(tmp_path / "a", seed=1), "team/a")
     dims = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -211,7 +211,7 @@ def test_port_whose_source_is_removed_meanwhile_registers_nothing(registry, tmp_
     assert registry.check_port("team/a", "tiny-org/tiny-llama-v2").level == "compatible"
 
     # the port has resolved team/a and read its header; then team/a goes
-    remove_meanwhile(monkeypatch, registry, porting, "read_header", source.ref)
+    remove_meanwhile(monkeypatch, registry, safetensors_io, "read_header", source.ref)
     with pytest.raises(ModuleRemovedError) as caught:
         registry.port("team/a", "tiny-org/tiny-llama-v2", "team/a-v2")
     assert str(caught.value) == "input team/a@1 was removed while porting; nothing was registered"
