@@ -178,11 +178,13 @@ class Catalog:
         base_revision: str | None = None,
         description: str | None = None,
         allow_nonfinite: bool = False,
+        source_path: str | None = None,
     ) -> ModuleInfo:
         """Register the PEFT adapter folder at ``path`` as ``name`` (``NS/NAME``).
 
         Identical content (tensors and config) already registered under ``name`` is returned
-        as it is (``created`` False); other content becomes the next version.
+        as it is (``created`` False); other content becomes the next version. ``source_path``
+        is the folder as its owner knows it (a registry server receives uploads elsewhere).
         """
         module_name = parse_module_name(name)
         tag_pairs = parse_tags(tags)
@@ -200,7 +202,7 @@ class Catalog:
             task=task,
             tags=tag_pairs,
             description=description,
-            source={"path": str(folder.absolute()), "file_sha256": file_sha256(folder / WEIGHTS_FILE)},
+            source={"path": source_path or str(folder.absolute()), "file_sha256": file_sha256(folder / WEIGHTS_FILE)},
         )
 
     def _check_new_name_early(self, name: ModuleName) -> None:
