@@ -39,7 +39,7 @@ from registry.api.common import (
     read_adapter_folder,
     unknown_alias_error,
 )
-from registry.config import Settings
+from registry.config import Settings, is_registry_url, registry_url
 from registry.db.engine import (
     WRITE,
     current_revision,
@@ -111,8 +111,21 @@ class Catalog:
         database_url: str | None = None,
         store: str | None = None,
         user: str | None = None,
+        token: str | None = None,
     ) -> "Registry":
-        """Open an existing registry; raises RegistryNotInitializedError if there is none."""
+        """Open an existing registry; raises RegistryNotInitializedError if there is none.
+
+        ``home`` may be a registry server's URL (``http://HOST:PORT``, see ``pem serve``), and
+        without any argument ``PEM_REGISTRY_URL`` names one: the result is then a
+        :class:`registry.remote.RemoteRegistry` with the same methods, authenticated by
+        ``token`` (else ``PEM_TOKEN``, else the one ``pem login`` stored)."""
+        url = home if is_registry_url(home) else None
+        if url is None and home is None and database_url is None and store is None:
+            url = registry_url()
+        if url is not None:
+            from registry.remote import RemoteRegistry
+
+            return RemoteRegistry(str(url), token=token)  # type: ignore[return-value]
         settings = Settings.resolve(home, database_url, store, user)
         missing = sqlite_file_missing(settings.database_url)
         if missing:  # do not create an empty database file just by looking
@@ -560,40 +573,11 @@ class Catalog:
         a folder that ``PeftModel.from_pretrained`` loads. The folder is created if needed; an
         existing one keeps its mode and its other files, and adapter files already in it are
         replaced only with ``force``. New files follow the umask."""
-        target = Path(directory)
-        if target.exists() and not target.is_dir():
-            raise PemError(f"export target {target} exists and is not a folder: choose a folder")
-        present = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if os.path.lexists(target / name)]
-        if present and not force:
-            raise PemError(
-                f"{target} already holds {' and '.join(present)}: "
-                "pass --force to replace them, or choose another folder"
-            )
+        target = check_export_target(directory, force)
         with self._session() as session:
             module = self._resolve(session, ref)
             config, digest = module.config, module.digest
-        blob = self.store.local_path(digest)
-        created = not target.exists()
-        staged: list[tuple[Path, Path]] = []  # (temporary file, final name), renamed once all are written
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-            with new_file(target, WEIGHTS_FILE, staged) as out, open(blob, "rb") as source:
-                shutil.copyfileobj(source, out, 8 * 1024 * 1024)
-            with new_file(target, CONFIG_FILE, staged) as out:
-                out.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-            for temporary, final in staged:  # the weights first: a config never names weights not yet there
-                os.replace(temporary, final)
-        except BaseException as exc:
-            for temporary, _ in staged:
-                temporary.unlink(missing_ok=True)
-            if created and target.is_dir() and not any(target.iterdir()):
-                target.rmdir()
-            if isinstance(exc, OSError):
-                raise PemError(
-                    f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write"
-                ) from None
-            raise
-        return target
+        return write_adapter_folder(target, config, self.store.local_path(digest))
 
     def remove(self, ref: str, *, dry_run: bool = False) -> Removal:
         """Delete one version, named as ``NS/NAME@N`` (or by its ``sha256:`` digest); refused
@@ -749,3 +733,45 @@ def is_unique_violation(exc: IntegrityError) -> bool:
 # --- reading adapter folders ------------------------------------------------------------------
 
 
+# --- writing adapter folders --------------------------------------------------------------------
+
+
+def check_export_target(directory: str | os.PathLike[str], force: bool = False) -> Path:
+    """The export folder, refused when it is a file or already holds adapter files (unless ``force``)."""
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise PemError(f"export target {target} exists and is not a folder: choose a folder")
+    present = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if os.path.lexists(target / name)]
+    if present and not force:
+        raise PemError(
+            f"{target} already holds {' and '.join(present)}: "
+            "pass --force to replace them, or choose another folder"
+        )
+    return target
+
+
+def write_adapter_folder(target: Path, config: dict[str, Any], blob: Path) -> Path:
+    """Write ``adapter_config.json`` and a copy of ``blob`` as ``adapter_model.safetensors``
+    into ``target`` (created if needed), each staged and renamed into place, the weights first.
+    Shared by a local export and a registry server's client."""
+    created = not target.exists()
+    staged: list[tuple[Path, Path]] = []  # (temporary file, final name), renamed once all are written
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with new_file(target, WEIGHTS_FILE, staged) as out, open(blob, "rb") as source:
+            shutil.copyfileobj(source, out, 8 * 1024 * 1024)
+        with new_file(target, CONFIG_FILE, staged) as out:
+            out.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        for temporary, final in staged:  # the weights first: a config never names weights not yet there
+            os.replace(temporary, final)
+    except BaseException as exc:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if isinstance(exc, OSError):
+            raise PemError(
+                f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write"
+            ) from None
+        raise
+    return target

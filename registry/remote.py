@@ -1,0 +1,425 @@
+"""The client of a registry server (``pem serve``): the same methods and results as
+:class:`registry.Registry`, over HTTP.
+
+>>> from registry import Registry
+>>> reg = Registry.open("http://registry.internal:8080", token="pem_...")
+>>> reg.compose("0.5*team/a + 0.5*team/b", "team/ab").ref
+'team/ab@1'
+
+There is no local database: every call is one request, and the server computes compositions,
+ports and verification next to the data. Blobs read by ``export`` stream into a local read
+cache (``$PEM_HOME/cache/remote``), checked against their digest, as an ``s3://`` store's are.
+Uploads (``add``) stream the weights file; the server checks it against the declared sha256
+before registering it. Writes that are not idempotent by content (alias set and remove, tag,
+describe, remove) carry an ``Idempotency-Key``, so the one retry after a lost answer is safe.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlencode, urlsplit
+
+from pydantic import BaseModel
+
+from registry import schemas
+from registry.config import (
+    CACHE_DIRNAME,
+    CREDENTIALS_FILENAME,
+    DEFAULT_HOME,
+    ENV_HOME,
+    ENV_HUB_ENDPOINT,
+    ENV_TOKEN,
+    DEFAULT_HUB_ENDPOINT,
+    cache_size_limit,
+)
+from registry.errors import (
+    PemError,
+    ServerUnavailableError,
+)
+from registry.server import API_VERSION
+
+M = TypeVar("M", bound=BaseModel)
+
+API = "/api/v1"
+CHUNK = 1024 * 1024
+TIMEOUT_S = 600.0  # a composition or verification of large modules takes a while
+RETRIED_ERRORS = (ConnectionError, http.client.RemoteDisconnected, http.client.IncompleteRead, TimeoutError)
+
+
+def client_home(home: str | os.PathLike[str] | None = None) -> Path:
+    return Path(home or os.environ.get(ENV_HOME) or DEFAULT_HOME).expanduser().absolute()
+
+
+def credentials_file(home: str | os.PathLike[str] | None = None) -> Path:
+    return client_home(home) / CREDENTIALS_FILENAME
+
+
+def stored_token(url: str, home: str | os.PathLike[str] | None = None) -> str | None:
+    """The token ``pem login`` stored for ``url``, if any."""
+    path = credentials_file(home)
+    try:
+        tokens = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = tokens.get(url.rstrip("/")) if isinstance(tokens, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def store_token(url: str, token: str, home: str | os.PathLike[str] | None = None) -> Path:
+    """Save ``token`` for ``url`` in the credentials file, readable by its owner only (0600)."""
+    path = credentials_file(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tokens = json.loads(path.read_text(encoding="utf-8"))
+        tokens = tokens if isinstance(tokens, dict) else {}
+    except (OSError, ValueError):
+        tokens = {}
+    tokens[url.rstrip("/")] = token
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(tokens, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+class RemoteRegistry:
+    """A registry server, used like :class:`registry.Registry` (same methods, same results)."""
+
+    def __init__(self, url: str, *, token: str | None = None, home: str | os.PathLike[str] | None = None,
+                 check_version: bool = True):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ServerUnavailableError(f"{url!r} is not a registry URL: use http://HOST:PORT")
+        self.url = url.rstrip("/")
+        self._parts = parts
+        self.home = client_home(home)
+        self.token = token or os.environ.get(ENV_TOKEN) or stored_token(self.url, self.home)
+        self._cache: Any = None
+        if check_version:
+            self.check_version()
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        port = self._parts.port
+        if self._parts.scheme == "https":
+            return http.client.HTTPSConnection(self._parts.hostname, port, timeout=TIMEOUT_S)
+        return http.client.HTTPConnection(self._parts.hostname, port, timeout=TIMEOUT_S)
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "pem-registry-client"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        headers.update(extra or {})
+        return headers
+
+    def _send(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Any = None,
+              headers: dict[str, str] | None = None, upload: tuple[bytes, Path, int] | None = None,
+              retries: int = 0) -> http.client.HTTPResponse:
+        """One request; the open response when its status is 2xx, else its error raised.
+        ``retries``: how many times to resend after the connection failed (only for requests
+        that are safe to repeat: reads, and writes with an idempotency key)."""
+        query = "?" + urlencode([(k, v) for k, v in (params or {}).items() if v is not None], doseq=True) if params else ""
+        target = self._parts.path.rstrip("/") + path + query
+        all_headers = self._headers(headers)
+        for attempt in range(retries + 1):
+            connection = self._connection()
+            try:
+                if upload is not None:
+                    response = self._stream_upload(connection, target, all_headers, *upload)
+                else:
+                    data = None
+                    if body is not None:
+                        data = json.dumps(body).encode()
+                        all_headers["Content-Type"] = "application/json"
+                    connection.request(method, target, body=data, headers=all_headers)
+                    response = connection.getresponse()
+            except RETRIED_ERRORS + (OSError,) as exc:
+                connection.close()
+                if attempt < retries and isinstance(exc, RETRIED_ERRORS):
+                    continue
+                reason = getattr(exc, "strerror", None) or exc.__class__.__name__
+                raise ServerUnavailableError(
+                    f"cannot reach the registry server at {self.url} ({reason}): is `pem serve` running there?"
+                ) from None
+            if response.status >= 400:
+                raise self._error(response)
+            return response
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _stream_upload(connection: http.client.HTTPConnection, target: str, headers: dict[str, str],
+                       first_line: bytes, weights: Path, size: int) -> http.client.HTTPResponse:
+        connection.putrequest("POST", target)
+        for key, value in {**headers, "Content-Type": "application/x-pem-upload",
+                           "Content-Length": str(len(first_line) + size)}.items():
+            connection.putheader(key, value)
+        connection.endheaders()
+        try:
+            connection.send(first_line)
+            with open(weights, "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    connection.send(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server refused early (a 4xx): its answer is still there to read
+        return connection.getresponse()
+
+    def _error(self, response: http.client.HTTPResponse) -> PemError:
+        from registry.server.errors import error_from_json
+
+        raw = response.read()
+        response.close()
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = None
+        return error_from_json(payload, response.status)
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> tuple[Any, http.client.HTTPResponse]:
+        if method == "GET":
+            kwargs.setdefault("retries", 1)
+        response = self._send(method, path, **kwargs)
+        try:
+            return json.loads(response.read()), response
+        finally:
+            response.close()
+
+    def _get(self, model: type[M], path: str, **params: Any) -> M:
+        return model.model_validate(self._json("GET", path, params=params)[0])
+
+    def _get_list(self, model: type[M], path: str, **params: Any) -> list[M]:
+        return [model.model_validate(item) for item in self._json("GET", path, params=params)[0]]
+
+    def _post(self, model: type[M], path: str, body: dict[str, Any], idempotent: bool = False) -> M:
+        headers = {"Idempotency-Key": uuid.uuid4().hex} if idempotent else None
+        data, _ = self._json("POST", path, body=body, headers=headers, retries=1 if idempotent else 0)
+        return model.model_validate(data)
+
+    def _created(self, data: Any, response: http.client.HTTPResponse) -> schemas.ModuleInfo:
+        info = schemas.ModuleInfo.model_validate(data)
+        return info.model_copy(update={"created": response.getheader("X-Pem-Created") == "true"})
+
+    def check_version(self) -> dict[str, Any]:
+        """The server's versions; ServerUnavailableError when its API is not this client's."""
+        info, _ = self._json("GET", f"{API}/version")
+        if info.get("api") != API_VERSION:
+            older = "this client" if info.get("api", 0) > API_VERSION else "the server"
+            raise ServerUnavailableError(
+                f"the registry server at {self.url} speaks API v{info.get('api')} (pem-registry "
+                f"{info.get('pem_registry')}), this client v{API_VERSION}: upgrade pem-registry on {older}"
+            )
+        return info
+
+    def whoami(self) -> dict[str, Any]:
+        return self._json("GET", f"{API}/whoami")[0]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "RemoteRegistry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the catalog ----------------------------------------------------------------------
+
+    def add(self, path: str | os.PathLike[str], name: str, *, task: str | None = None,
+            tags: dict[str, str] | None = None, base_model: str | None = None, base_revision: str | None = None,
+            description: str | None = None, allow_nonfinite: bool = False) -> schemas.ModuleInfo:
+        from registry.api.common import WEIGHTS_FILE, file_sha256, read_adapter_folder
+
+        folder = Path(path)
+        config, _ = read_adapter_folder(folder)  # the same checks and messages as a local add
+        weights = folder / WEIGHTS_FILE
+        size = weights.stat().st_size
+        metadata = {
+            "name": name, "config": config, "weights_sha256": file_sha256(weights), "weights_size": size,
+            "task": task, "tags": tags or {}, "base_model": base_model, "base_revision": base_revision,
+            "description": description, "allow_nonfinite": allow_nonfinite, "source_path": str(folder.absolute()),
+        }
+        line = json.dumps(metadata).encode() + b"\n"
+        data, response = self._json("POST", f"{API}/adapters", upload=(line, weights, size))
+        return self._created(data, response)
+
+    def list(self, *, base_model: str | None = None, peft_type: str | None = None, task: str | None = None,
+             rank: int | None = None, tags: dict[str, str] | None = None, kind: str | None = None,
+             derived_from: str | None = None, latest: bool = False, limit: int | None = None) -> list[schemas.ModuleInfo]:
+        return self._get_list(
+            schemas.ModuleInfo, f"{API}/modules", base_model=base_model, peft_type=peft_type, task=task, rank=rank,
+            tag=[f"{k}={v}" for k, v in (tags or {}).items()], kind=kind, derived_from=derived_from,
+            latest="true" if latest else None, limit=limit,
+        )
+
+    def get(self, ref: str) -> schemas.ModuleDetails:
+        return self._get(schemas.ModuleDetails, f"{API}/module", ref=ref)
+
+    def resolve(self, ref: str) -> schemas.ModuleInfo:
+        return self._get(schemas.ModuleInfo, f"{API}/resolve", ref=ref)
+
+    def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
+        from registry.api.catalog import check_export_target, write_adapter_folder
+
+        target = check_export_target(directory)
+        details = self.get(ref)
+        return write_adapter_folder(target, details.config, self.blob(details.digest))
+
+    def remove(self, ref: str) -> schemas.ModuleInfo:
+        return self._post(schemas.ModuleInfo, f"{API}/remove", {"ref": ref}, idempotent=True)
+
+    def blob(self, digest: str) -> Path:
+        """The blob ``digest`` as a local file: from the read cache, else downloaded (streamed)
+        and checked against its digest before it enters the cache."""
+        cached = self.cache.lookup(digest)
+        if cached is not None:
+            return cached
+
+        def download(sink: Any) -> None:
+            response = self._send("GET", f"{API}/blobs/{digest}", retries=1)
+            try:
+                for chunk in iter(lambda: response.read(CHUNK), b""):
+                    sink.write(chunk)
+            finally:
+                response.close()
+
+        return self.cache.fetch(digest, download, self.url)
+
+    @property
+    def cache(self) -> Any:
+        if self._cache is None:
+            from registry.store.cache import BlobCache
+
+            host = f"{self._parts.hostname}_{self._parts.port or ''}".replace(":", "_")
+            self._cache = BlobCache(self.home / CACHE_DIRNAME / "remote" / host, cache_size_limit())
+        return self._cache
+
+    def cache_info(self) -> Any:
+        return self.cache.info()
+
+    def cache_clear(self) -> Any:
+        return self.cache.clear()
+
+    # --- composition, provenance, porting --------------------------------------------------
+
+    def check(self, expression: str, *, method: str = "module", rank: int | None = None, dtype: str | None = None,
+              union: bool = False, deviation: bool = False) -> schemas.CheckReport:
+        body = {"expression": expression, "method": method, "rank": rank, "dtype": dtype, "union": union,
+                "deviation": deviation}
+        return schemas.CheckReport.model_validate(self._json("POST", f"{API}/check", body=body, retries=1)[0])
+
+    def compose(self, expression: str, name: str, *, method: str = "module", rank: int | None = None,
+                dtype: str | None = None, union: bool = False, description: str | None = None,
+                new_version: bool = False, progress: Callable[[int, int], None] | None = None) -> schemas.ModuleInfo:
+        body = {"expression": expression, "name": name, "method": method, "rank": rank, "dtype": dtype,
+                "union": union, "description": description, "new_version": new_version}
+        # The same derivation asked again returns the module it made: a retry is safe.
+        return self._created(*self._json("POST", f"{API}/compose", body=body, retries=1))
+
+    def lineage(self, ref: str) -> schemas.Lineage:
+        return self._get(schemas.Lineage, f"{API}/lineage", ref=ref)
+
+    def descendants(self, ref: str) -> list[schemas.Descendant]:
+        return self._get_list(schemas.Descendant, f"{API}/descendants", ref=ref)
+
+    def contents(self, ref: str) -> schemas.Contents:
+        return self._get(schemas.Contents, f"{API}/contents", ref=ref)
+
+    def verify(self, ref: str | None = None, *, progress: Callable[[int, int], None] | None = None) -> schemas.VerifyReport:
+        return self._post(schemas.VerifyReport, f"{API}/verify", {"ref": ref})
+
+    def add_base(self, base: str, *, config_path: str | os.PathLike[str] | None = None,
+                 endpoint: str | None = None) -> schemas.BaseModelInfo:
+        """Record a base model; its config.json is read here (or downloaded here from the Hub,
+        with this machine's Hub access) and sent to the server."""
+        if config_path is None:
+            from registry.hub import download_config
+            from registry.refs import parse_base_reference
+
+            reference = parse_base_reference(base)
+            hub = (endpoint or os.environ.get(ENV_HUB_ENDPOINT) or DEFAULT_HUB_ENDPOINT).rstrip("/")
+            config_path = download_config(reference.model_id, reference.revision, hub)
+        from registry import hosts
+
+        config = hosts.read_config(Path(config_path))
+        return self._post(schemas.BaseModelInfo, f"{API}/bases", {"base_model": base, "config": config})
+
+    def list_bases(self) -> list[schemas.BaseModelInfo]:
+        return self._get_list(schemas.BaseModelInfo, f"{API}/bases")
+
+    def get_base(self, base: str) -> schemas.BaseModelInfo:
+        return self._get(schemas.BaseModelInfo, f"{API}/base", id=base)
+
+    def check_port(self, ref: str, to: str) -> schemas.PortReport:
+        return self._get(schemas.PortReport, f"{API}/port-check", ref=ref, to=to)
+
+    def port(self, ref: str, to: str, name: str) -> schemas.ModuleInfo:
+        return self._created(*self._json("POST", f"{API}/port", body={"ref": ref, "to": to, "name": name}))
+
+    # --- team -------------------------------------------------------------------------------
+
+    def set_alias(self, name: str, alias: str, version: int) -> schemas.AliasInfo:
+        return self._post(schemas.AliasInfo, f"{API}/aliases/set", {"name": name, "alias": alias, "version": version},
+                          idempotent=True)
+
+    def remove_alias(self, name: str, alias: str) -> schemas.AliasInfo:
+        return self._post(schemas.AliasInfo, f"{API}/aliases/remove", {"name": name, "alias": alias}, idempotent=True)
+
+    def alias_log(self, name: str) -> list[schemas.AliasMove]:
+        return self._get_list(schemas.AliasMove, f"{API}/alias-log", name=name)
+
+    def tag(self, ref: str, set_tags: dict[str, str] | None = None, remove: list[str] | None = None) -> schemas.ModuleInfo:
+        return self._post(schemas.ModuleInfo, f"{API}/tag", {"ref": ref, "set": set_tags or {}, "remove": remove or []},
+                          idempotent=True)
+
+    def describe(self, ref: str, description: str | None) -> schemas.ModuleInfo:
+        return self._post(schemas.ModuleInfo, f"{API}/describe", {"ref": ref, "description": description},
+                          idempotent=True)
+
+    def history(self, ref: str) -> list[schemas.MetadataChange]:
+        return self._get_list(schemas.MetadataChange, f"{API}/history", ref=ref)
+
+    def gc(self, *, dry_run: bool = False, grace_seconds: float = 3600.0) -> schemas.GcReport:
+        return self._post(schemas.GcReport, f"{API}/gc", {"dry_run": dry_run, "grace_seconds": grace_seconds})
+
+    def pull(self, *args: Any, **kwargs: Any) -> Any:
+        raise PemError("pull does not work against a registry server yet: run it on the server's host")
+
+    def push(self, *args: Any, **kwargs: Any) -> Any:
+        raise PemError("push does not work against a registry server yet: export the module and upload it")
+
+    def sync(self, *args: Any, **kwargs: Any) -> Any:
+        raise PemError("sync does not work against a registry server yet: run it on the server's host")
+
+    def doctor(self, *, endpoint: str | None = None) -> list[schemas.HealthCheck]:
+        """The server reachable and speaking this client's API, the token accepted, the local
+        read cache healthy and the Hub endpoint reachable (for pull and push)."""
+        from registry.api.team import check_hub
+
+        checks = []
+        try:
+            info = self.check_version()
+            checks.append(schemas.HealthCheck(name="server", ok=True, fix=None,
+                                              detail=f"{self.url} reachable, API v{info['api']}, pem-registry {info['pem_registry']}"))
+        except PemError as exc:
+            checks.append(schemas.HealthCheck(name="server", ok=False, detail=str(exc),
+                                              fix="check PEM_REGISTRY_URL and that `pem serve` runs there"))
+            return checks
+        try:
+            who = self.whoami()
+            namespaces = f" for {', '.join(who['namespaces'])}" if who.get("namespaces") else ""
+            checks.append(schemas.HealthCheck(name="token", ok=True, fix=None, detail=f"{who['user']}: {who['role']}{namespaces}"))
+        except PemError as exc:
+            checks.append(schemas.HealthCheck(name="token", ok=False, detail=str(exc), fix="run `pem login URL` or set PEM_TOKEN"))
+        try:
+            checks.append(schemas.HealthCheck(name="cache", ok=True, detail=str(self.cache_info()), fix=None))
+        except Exception as exc:  # any failure here is the finding
+            checks.append(schemas.HealthCheck(name="cache", ok=False, detail=f"{exc.__class__.__name__}: {exc}",
+                                              fix="run `pem cache clear`"))
+        checks.append(check_hub((endpoint or os.environ.get(ENV_HUB_ENDPOINT) or DEFAULT_HUB_ENDPOINT).rstrip("/")))
+        return checks
