@@ -229,6 +229,14 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
     async def pem_error(request: Request, exc: PemError) -> JSONResponse:
         return error_answer(request.state.request_id, exc)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette answers with this, then re-raises: RequestContext logs it with the request id.
+        from registry.errors import ServerError
+
+        request_id = request.state.request_id
+        return error_answer(request_id, ServerError(f"the server failed (request id {request_id}); its log has the details"))
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_answer(request.state.request_id, InvalidRequestError(_one_line(list(exc.errors()))))
