@@ -305,3 +305,25 @@ def test_python_api_errors_and_version_check(served: Served, monkeypatch: pytest
     monkeypatch.setattr("registry.remote.API_VERSION", 1)
     assert isinstance(Registry.open(token=served.token), RemoteRegistry)
     shutil.rmtree(tmp_path / "h", ignore_errors=True)
+
+
+def test_remote_commands_import_neither_torch_nor_the_server_stack(served: Served, tmp_path: Path):
+    env = served.client_env(tmp_path / "client")
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "cli.main", "list", "--json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600,
+                            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env})
+    assert result.returncode == 0, result.stderr[-2000:]
+    modules = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")][1:]
+    assert "registry.remote" in modules
+    assert sorted({m for m in modules if m.split(".")[0] in ("torch", "transformers", "peft", "fastapi", "uvicorn")}) == []
+
+
+def test_doctor_against_a_server(served: Served, tmp_path: Path):
+    env = served.client_env(tmp_path / "client", HF_ENDPOINT=os.environ["HF_ENDPOINT"])
+    checks = {c["name"]: c for c in json.loads(pem("doctor", "--json", env=env, check=False).stdout)}
+    assert checks["server"]["ok"] and served.url in checks["server"]["detail"]
+    assert checks["token"]["ok"] and checks["token"]["detail"] == "alice: writer"
+    assert checks["cache"]["ok"]
+    bad = {c["name"]: c for c in json.loads(pem("doctor", "--json", env={**env, "PEM_TOKEN": "pem_bad"},
+                                                check=False).stdout)}
+    assert not bad["token"]["ok"] and "unknown token" in bad["token"]["detail"]
