@@ -93,11 +93,13 @@ class RemoteRegistry:
 
     def __init__(self, url: str, *, token: str | None = None, home: str | os.PathLike[str] | None = None,
                  check_version: bool = True):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ServerUnavailableError(f"{url!r} is not a registry URL: use http://HOST:PORT")
-        self.url = url.rstrip("/")
-        self._parts = parts
+        urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        self.replicas = [urlsplit(u) for u in urls]
+        if not self.replicas or any(p.scheme not in ("http", "https") or not p.hostname for p in self.replicas):
+            raise ServerUnavailableError(f"{url!r} is not a registry URL: use http://HOST:PORT (or several, comma-separated)")
+        self.url = urls[0]
+        self._parts = self.replicas[0]
+        self._current = 0  # the replica requests go to; the next one after a connection failure
         self.home = client_home(home)
         self.token = token or os.environ.get(ENV_TOKEN) or stored_token(self.url, self.home)
         self._cache: Any = None
@@ -106,11 +108,10 @@ class RemoteRegistry:
 
     # --- plumbing -------------------------------------------------------------------------
 
-    def _connection(self) -> http.client.HTTPConnection:
-        port = self._parts.port
-        if self._parts.scheme == "https":
-            return http.client.HTTPSConnection(self._parts.hostname, port, timeout=TIMEOUT_S)
-        return http.client.HTTPConnection(self._parts.hostname, port, timeout=TIMEOUT_S)
+    def _connection(self, replica: Any) -> http.client.HTTPConnection:
+        if replica.scheme == "https":
+            return http.client.HTTPSConnection(replica.hostname, replica.port, timeout=TIMEOUT_S)
+        return http.client.HTTPConnection(replica.hostname, replica.port, timeout=TIMEOUT_S)
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "pem-registry-client"}
@@ -124,12 +125,15 @@ class RemoteRegistry:
               retries: int = 0) -> http.client.HTTPResponse:
         """One request; the open response when its status is 2xx, else its error raised.
         ``retries``: how many times to resend after the connection failed (only for requests
-        that are safe to repeat: reads, and writes with an idempotency key)."""
+        that are safe to repeat: reads, writes idempotent by content, writes with an
+        idempotency key). With several replicas, each failure moves to the next one."""
         query = "?" + urlencode([(k, v) for k, v in (params or {}).items() if v is not None], doseq=True) if params else ""
-        target = self._parts.path.rstrip("/") + path + query
         all_headers = self._headers(headers)
-        for attempt in range(retries + 1):
-            connection = self._connection()
+        attempts = retries + len(self.replicas)
+        for attempt in range(attempts):
+            replica = self.replicas[self._current]
+            target = replica.path.rstrip("/") + path + query
+            connection = self._connection(replica)
             try:
                 if upload is not None:
                     response = self._stream_upload(connection, target, all_headers, *upload)
@@ -142,11 +146,14 @@ class RemoteRegistry:
                     response = connection.getresponse()
             except RETRIED_ERRORS + (OSError,) as exc:
                 connection.close()
-                if attempt < retries and isinstance(exc, RETRIED_ERRORS):
+                self._current = (self._current + 1) % len(self.replicas)
+                refused = isinstance(exc, ConnectionRefusedError)  # never reached the server: always safe to resend
+                if attempt < attempts - 1 and (refused or (retries and isinstance(exc, RETRIED_ERRORS))):
                     continue
                 reason = getattr(exc, "strerror", None) or exc.__class__.__name__
                 raise ServerUnavailableError(
-                    f"cannot reach the registry server at {self.url} ({reason}): is `pem serve` running there?"
+                    f"cannot reach the registry server at {replica.scheme}://{replica.netloc} ({reason}): "
+                    "is `pem serve` running there?"
                 ) from None
             if response.status >= 400:
                 raise self._error(response)
@@ -245,7 +252,8 @@ class RemoteRegistry:
             "description": description, "allow_nonfinite": allow_nonfinite, "source_path": str(folder.absolute()),
         }
         line = json.dumps(metadata).encode() + b"\n"
-        data, response = self._json("POST", f"{API}/adapters", upload=(line, weights, size))
+        # The same content under the same name is one version: a retry is safe.
+        data, response = self._json("POST", f"{API}/adapters", upload=(line, weights, size), retries=1)
         return self._created(data, response)
 
     def list(self, *, base_model: str | None = None, peft_type: str | None = None, task: str | None = None,
@@ -359,7 +367,7 @@ class RemoteRegistry:
         return self._get(schemas.PortReport, f"{API}/port-check", ref=ref, to=to)
 
     def port(self, ref: str, to: str, name: str) -> schemas.ModuleInfo:
-        return self._created(*self._json("POST", f"{API}/port", body={"ref": ref, "to": to, "name": name}))
+        return self._created(*self._json("POST", f"{API}/port", body={"ref": ref, "to": to, "name": name}, retries=1))
 
     # --- team -------------------------------------------------------------------------------
 

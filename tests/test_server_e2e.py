@@ -50,12 +50,17 @@ def pem(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Compl
 class Served:
     """A registry on disk (or PostgreSQL + bucket), its `pem serve` process and its tokens."""
 
-    def __init__(self, root: Path, server_env: dict[str, str]):
+    def __init__(self, root: Path, server_env: dict[str, str], replica_of: "Served | None" = None):
         self.root = root
         self.server_env = server_env  # what the server's host has: the database and store settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = root / "server.log"
+        self.log_path = root / f"server-{self.port}.log"
+        if replica_of is not None:  # another server on the same database and store
+            self.token, self.token_id, self.admin_token = replica_of.token, replica_of.token_id, replica_of.admin_token
+            self.process = None
+            self.start()
+            return
         pem("init", env=server_env)
         created = json.loads(pem("token", "create", "--user", "alice", "--role", "writer", "--json", env=server_env).stdout)
         self.token, self.token_id = created["token"], created["id"]
@@ -327,3 +332,75 @@ def test_doctor_against_a_server(served: Served, tmp_path: Path):
     bad = {c["name"]: c for c in json.loads(pem("doctor", "--json", env={**env, "PEM_TOKEN": "pem_bad"},
                                                 check=False).stdout)}
     assert not bad["token"]["ok"] and "unknown token" in bad["token"]["detail"]
+
+
+def test_replicas_survive_a_sigkill_in_a_stream_of_writes(postgres, s3_server, tmp_path: Path,  # noqa: F811
+                                                         monkeypatch: pytest.MonkeyPatch):
+    """Two replicas on one PostgreSQL and bucket; clients spread over both, each listing both
+    URLs. Replica 1 is SIGKILLed while the clients write: they carry on with replica 2, and
+    nothing is lost or applied twice."""
+    import signal
+
+    env = {"PEM_HOME": str(tmp_path / "server-home"), "PEM_DATABASE_URL": postgres.url(postgres.create()),
+           "PEM_S3_ENDPOINT_URL": s3_server, "PEM_STORE": f"s3://{make_bucket(s3_server)}/blobs", **AWS}
+    first = Served(tmp_path, env)
+    second = Served(tmp_path, env, replica_of=first)
+    clients = 4
+    folders = {(i, v): make_numpy_lora(tmp_path / f"c{i}v{v}", seed=1000 + 10 * i + v) for i in range(clients) for v in (1, 2, 3)}
+    done = threading.Semaphore(0)
+    failures: list[BaseException] = []
+
+    def script(i: int) -> None:
+        order = [first.url, second.url] if i % 2 == 0 else [second.url, first.url]
+        remote = RemoteRegistry(",".join(order), token=first.token, home=tmp_path / f"home{i}")
+        name = f"rep/c{i}"
+        steps = [
+            lambda: remote.add(folders[(i, 1)], name),
+            lambda: remote.set_alias(name, "prod", 1),
+            lambda: remote.tag(f"{name}@1", {"stage": "one"}),
+            lambda: remote.add(folders[(i, 2)], name),
+            lambda: remote.compose(f"0.5*{name}@1 + 0.5*{name}@2", f"rep/d{i}"),
+            lambda: remote.set_alias(name, "prod", 2),
+            lambda: remote.tag(f"{name}@1", {"stage": "two"}),
+            lambda: remote.add(folders[(i, 3)], name),
+            lambda: remote.set_alias(name, "prod", 3),
+            lambda: remote.describe(f"{name}@3", "third"),
+        ]
+        try:
+            for step in steps:
+                step()
+                done.release()
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=script, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for _ in range(clients * 3):  # a third of the writes are done: kill replica 1 mid-stream
+        done.acquire()
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=60)
+    for t in threads:
+        t.join()
+    second_log = second.log_path.read_text()
+    second.stop()
+    assert failures == []
+    assert first.process is None or first.process.returncode == -signal.SIGKILL
+
+    for key, value in env.items():
+        if key.startswith(("AWS_", "PEM_S3")):
+            monkeypatch.setenv(key, value)
+    with Registry.open(env["PEM_HOME"], database_url=env["PEM_DATABASE_URL"], store=env["PEM_STORE"]) as local:
+        for i in range(clients):
+            versions = [m for m in local.list() if m.name == f"rep/c{i}"]
+            assert [m.version for m in versions] == [1, 2, 3]  # nothing lost, nothing added twice
+            assert len({m.digest for m in versions}) == 3
+            assert [m.version for m in local.list() if m.name == f"rep/d{i}"] == [1]
+            moves = [(m.from_version, m.to_version) for m in local.alias_log(f"rep/c{i}")]
+            assert moves == [(None, 1), (1, 2), (2, 3)]  # each move once
+            assert local.get(f"rep/c{i}@1").tags == {"stage": "two"}
+            assert [(c.old, c.new) for c in local.history(f"rep/c{i}@1")] == [(None, "one"), ("one", "two")]
+            assert local.get(f"rep/c{i}@3").description == "third"
+        report = local.verify()
+        assert report.ok, report.failures
+    assert second_log.count("status=200") > 0
