@@ -240,20 +240,24 @@ class RemoteRegistry:
     def add(self, path: str | os.PathLike[str], name: str, *, task: str | None = None,
             tags: dict[str, str] | None = None, base_model: str | None = None, base_revision: str | None = None,
             description: str | None = None, allow_nonfinite: bool = False) -> schemas.ModuleInfo:
+        folder = Path(path)
+        return self._upload("adapters", folder, name, task=task, tags=tags or {}, base_model=base_model,
+                            base_revision=base_revision, description=description, allow_nonfinite=allow_nonfinite,
+                            source_path=str(folder.absolute()))
+
+    def _upload(self, route: str, folder: Path, name: str, **fields: Any) -> schemas.ModuleInfo:
+        """Stream an adapter folder to the server: a JSON line (the config, the weights' size
+        and sha256, ``fields``), then the weights file, never read whole into memory."""
         from registry.api.common import WEIGHTS_FILE, file_sha256, read_adapter_folder
 
-        folder = Path(path)
         config, _ = read_adapter_folder(folder)  # the same checks and messages as a local add
         weights = folder / WEIGHTS_FILE
         size = weights.stat().st_size
-        metadata = {
-            "name": name, "config": config, "weights_sha256": file_sha256(weights), "weights_size": size,
-            "task": task, "tags": tags or {}, "base_model": base_model, "base_revision": base_revision,
-            "description": description, "allow_nonfinite": allow_nonfinite, "source_path": str(folder.absolute()),
-        }
+        metadata = {"name": name, "config": config, "weights_sha256": file_sha256(weights), "weights_size": size,
+                    **fields}
         line = json.dumps(metadata).encode() + b"\n"
         # The same content under the same name is one version: a retry is safe.
-        data, response = self._json("POST", f"{API}/adapters", upload=(line, weights, size), retries=1)
+        data, response = self._json("POST", f"{API}/{route}", upload=(line, weights, size), retries=1)
         return self._created(data, response)
 
     def list(self, *, base_model: str | None = None, peft_type: str | None = None, task: str | None = None,
@@ -395,14 +399,55 @@ class RemoteRegistry:
     def gc(self, *, dry_run: bool = False, grace_seconds: float = 3600.0) -> schemas.GcReport:
         return self._post(schemas.GcReport, f"{API}/gc", {"dry_run": dry_run, "grace_seconds": grace_seconds})
 
-    def pull(self, *args: Any, **kwargs: Any) -> Any:
-        raise PemError("pull does not work against a registry server yet: run it on the server's host")
+    def pull(self, repo: str, *, name: str | None = None, task: str | None = None,
+             tags: dict[str, str] | None = None, endpoint: str | None = None) -> schemas.ModuleInfo:
+        """Download the adapter at ``REPO_ID[@REVISION]`` here, pinned to the commit the
+        revision resolves to (with this machine's Hub token, which never reaches the server),
+        and upload it; the server records the repo, commit, file digests and who pulled."""
+        import tempfile
 
-    def push(self, *args: Any, **kwargs: Any) -> Any:
-        raise PemError("push does not work against a registry server yet: export the module and upload it")
+        from registry import hub
+
+        repo_id, revision = hub.parse_repo_reference(repo)
+        endpoint = self._hub_endpoint(endpoint)
+        commit, names = hub.resolve(repo_id, revision, endpoint)
+        with tempfile.TemporaryDirectory(prefix="pem-pull-") as tmp:
+            files = hub.download(repo_id, commit, names, endpoint, Path(tmp))
+            sidecar = files.sidecar.model_dump(mode="json", by_alias=True) if files.sidecar is not None else None
+            return self._upload("pulls", Path(tmp), name or hub.default_name(repo_id), task=task, tags=tags or {},
+                                endpoint=endpoint, repo_id=repo_id, revision=revision, commit=commit,
+                                card=files.card, sidecar=sidecar)
+
+    def push(self, ref: str, repo: str, *, private: bool = False, branch: str | None = None,
+             message: str | None = None, endpoint: str | None = None) -> schemas.PushResult:
+        """Download the module from the server (checked by digest), push it to the Hub from
+        here with this machine's Hub token, and record the link on the server."""
+        import tempfile
+
+        from registry import hub
+        from registry.errors import InvalidNameError
+
+        repo_id, revision = hub.parse_repo_reference(repo)
+        if revision:
+            raise InvalidNameError(f"push takes a repo id without @revision: use --branch {revision}")
+        endpoint = self._hub_endpoint(endpoint)
+        bundle = self._get(schemas.PushBundle, f"{API}/push-bundle", ref=ref)
+        weights = self.blob(bundle.digest)
+        with tempfile.TemporaryDirectory(prefix="pem-push-") as tmp:
+            hub.stage_push(Path(tmp), bundle.config, weights, bundle.card, bundle.sidecar)
+            commit, changed = hub.upload(endpoint, repo_id, Path(tmp), private=private, branch=branch,
+                                         message=message or f"pem-registry: push {bundle.ref}")
+            weights_oid = hub.git_blob_oid(Path(tmp) / "adapter_model.safetensors")
+        record = {"ref": bundle.ref, "digest": bundle.digest, "endpoint": endpoint, "repo_id": repo_id,
+                  "branch": branch, "commit": commit, "weights_oid": weights_oid, "changed": changed}
+        return self._post(schemas.PushResult, f"{API}/pushes", record, idempotent=True)
+
+    @staticmethod
+    def _hub_endpoint(endpoint: str | None) -> str:
+        return (endpoint or os.environ.get(ENV_HUB_ENDPOINT) or DEFAULT_HUB_ENDPOINT).rstrip("/")
 
     def sync(self, *args: Any, **kwargs: Any) -> Any:
-        raise PemError("sync does not work against a registry server yet: run it on the server's host")
+        raise PemError("pem sync does not work through a registry server yet: run it on the server's host")
 
     def doctor(self, *, endpoint: str | None = None) -> list[schemas.HealthCheck]:
         """The server reachable and speaking this client's API, the token accepted, the local

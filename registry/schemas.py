@@ -327,6 +327,17 @@ class Removal(BaseModel):
     blob_kept_for: list[str] = Field(description="other modules holding the same blob (then kept)")
 
 
+class PushBundle(BaseModel):
+    """What a push uploads besides the weights (a registry server hands it to its client, which
+    pushes with its own Hub token)."""
+
+    ref: str
+    digest: str
+    config: dict[str, Any]
+    card: str = Field(description="README.md")
+    sidecar: ProvenanceSidecar
+
+
 class GcReport(BaseModel):
     """``pem gc --json``."""
 

@@ -109,7 +109,8 @@ AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def served(request, tmp_path_factory, postgres, s3_server):  # noqa: F811
     root = tmp_path_factory.mktemp(f"served-{request.param}")
-    env = {"PEM_HOME": str(root / "server-home"), "PEM_USER": "server-os-user"}
+    # The server never talks to the Hub: pull and push go through the client's own Hub access.
+    env = {"PEM_HOME": str(root / "server-home"), "PEM_USER": "server-os-user", "HF_ENDPOINT": "http://127.0.0.1:9"}
     saved = dict(os.environ)
     if request.param == "postgresql":
         env |= {"PEM_DATABASE_URL": postgres.url(postgres.create()), "PEM_S3_ENDPOINT_URL": s3_server, **AWS,
@@ -404,3 +405,39 @@ def test_replicas_survive_a_sigkill_in_a_stream_of_writes(postgres, s3_server, t
         report = local.verify()
         assert report.ok, report.failures
     assert second_log.count("status=200") > 0
+
+
+def test_pull_and_push_through_the_server_use_the_clients_hub_access(served: Served, hub, tmp_path: Path):
+    import uuid
+
+    folder = make_numpy_lora(tmp_path / "hub-adapter", seed=77)
+    repo = f"srv-{uuid.uuid4().hex[:8]}/pulled"
+    commit = hub.add_commit(repo, {"adapter_config.json": (folder / "adapter_config.json").read_bytes(),
+                                   "adapter_model.safetensors": (folder / "adapter_model.safetensors").read_bytes()})
+    remote = RemoteRegistry(served.url, token=served.token, home=tmp_path / "client")
+    pulled = remote.pull(repo, name="hubby/pulled")
+    assert pulled.created and pulled.kind == "pulled" and pulled.owner == "alice"
+    assert remote.pull(repo, name="hubby/pulled").created is False  # the same commit again: the same version
+    with Registry.init(tmp_path / "reference", user="alice") as reference:  # the local API's pull, for comparison
+        expected = reference.pull(repo, name="hubby/pulled")
+        expected_source = reference.get(expected.ref).source
+    details = remote.get(pulled.ref)
+    assert details.digest == expected.digest
+    assert details.source["hub"] == expected_source["hub"]
+    assert details.source["hub"]["commit"] == commit
+
+    pushed_repo = f"srv-{uuid.uuid4().hex[:8]}/pushed"
+    remote.compose("0.5*hubby/pulled", "hubby/half")
+    result = remote.push("hubby/half", pushed_repo)
+    assert result.commit == hub.head(pushed_repo) and result.ref == "hubby/half@1"
+    files = hub.files(pushed_repo)
+    remote.export("hubby/half", tmp_path / "half")
+    assert files["adapter_model.safetensors"] == (tmp_path / "half" / "adapter_model.safetensors").read_bytes()
+    sidecar = json.loads(files["pem-provenance.json"])
+    assert sidecar["module"]["digest"] == remote.get("hubby/half").digest
+    assert [i["hub"]["repo_id"] for i in sidecar["derivation"]["inputs"]] == [repo]  # the pulled input's origin
+    with served.local() as local:
+        statuses = {(s.ref, s.direction): s.status for s in local.sync(endpoint=hub.url)
+                    if s.ref.startswith("hubby/")}
+    assert statuses == {("hubby/pulled@1", "pull"): "up-to-date", ("hubby/half@1", "push"): "in-sync"}
+    assert os.environ["HF_TOKEN"] not in served.log_path.read_text()

@@ -43,6 +43,7 @@ MATRIX = {
     "port check":    {"team": R, "other": R},
     "check":         {"team": R, "other": R},
     "blob":          {"team": R, "other": R},
+    "push bundle":   {"team": R, "other": R},
     "add":           {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
     "compose":       {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
     "port":          {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
@@ -50,6 +51,8 @@ MATRIX = {
     "alias rm":      {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
     "tag":           {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
     "describe":      {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
+    "pull":          {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
+    "push":          {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
     "rm":            {"team": (401, 403, 403, 403, 200), "other": (401, 403, 403, 403, 200)},
     "base add":      {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 200, 200)},
     "gc":            {"team": (401, 403, 403, 403, 200), "other": (401, 403, 403, 403, 200)},
@@ -84,10 +87,10 @@ class World:
     def headers(self, token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[token]}"} if token != "none" else {}
 
-    def upload(self, name: str) -> bytes:
+    def upload(self, name: str, **extra) -> bytes:
         weights = (self.other_folder / "adapter_model.safetensors").read_bytes()
         metadata = {"name": name, "config": json.loads((self.other_folder / "adapter_config.json").read_text()),
-                    "weights_sha256": hashlib.sha256(weights).hexdigest(), "weights_size": len(weights)}
+                    "weights_sha256": hashlib.sha256(weights).hexdigest(), "weights_size": len(weights), **extra}
         return json.dumps(metadata).encode() + b"\n" + weights
 
 
@@ -117,6 +120,7 @@ def perform(world: World, operation: str, ns: str, token: str, key: str):
         "port check": lambda: c.get("/api/v1/port-check", params={"ref": ref, "to": Y_ID}, headers=h),
         "check": lambda: c.post("/api/v1/check", json={"expression": f"0.5*{ref}"}, headers=h),
         "blob": lambda: c.get(f"/api/v1/blobs/{digest}", headers=h),
+        "push bundle": lambda: c.get("/api/v1/push-bundle", params={"ref": ref}, headers=h),
     }
     if operation in reads:
         return reads[operation]()
@@ -132,6 +136,11 @@ def perform(world: World, operation: str, ns: str, token: str, key: str):
         "alias rm": lambda: c.post("/api/v1/aliases/remove", json={"name": ref, "alias": f"r-{key}"}, headers=h),
         "tag": lambda: c.post("/api/v1/tag", json={"ref": ref, "set": {f"k-{key}": "v"}}, headers=h),
         "describe": lambda: c.post("/api/v1/describe", json={"ref": ref, "description": key}, headers=h),
+        "pull": lambda: c.post("/api/v1/pulls", headers=h, content=world.upload(
+            f"{ns}/pull-{key}", endpoint="https://hub.example", repo_id=f"org/{key}", commit="c" * 40)),
+        "push": lambda: c.post("/api/v1/pushes", headers=h, json={
+            "ref": ref, "digest": digest, "endpoint": "https://hub.example", "repo_id": f"org/{key}", "commit": "c" * 40,
+            "weights_oid": "d" * 40}),
         "rm": lambda: c.post("/api/v1/remove", json={"ref": f"{ns}/rm-{key}@1"}, headers=h),
         "base add": lambda: c.post("/api/v1/bases", json={"base_model": f"tiny-org/b-{key}", "config": LLAMA}, headers=h),
         "gc": lambda: c.post("/api/v1/gc", json={"dry_run": True}, headers=h),

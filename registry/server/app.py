@@ -58,7 +58,7 @@ log = logging.getLogger("pem.server")
 access_log = logging.getLogger("pem.server.access")
 
 API = "/api/v1"
-UPLOAD_ROUTE = f"{API}/adapters"
+UPLOAD_ROUTES = (f"{API}/adapters", f"{API}/pulls")  # streamed bodies: not buffered by RequestContext
 UPLOAD_CHUNK = 1024 * 1024
 MAX_KEY_LENGTH = 128
 
@@ -86,7 +86,8 @@ class Body(BaseModel):
 
 
 class UploadMetadata(Body):
-    """The first line of an upload (``POST /api/v1/adapters``); the weights file follows."""
+    """The first line of an upload (``POST /api/v1/adapters``, ``/api/v1/pulls``); the weights
+    file follows."""
 
     name: str
     config: dict[str, Any]
@@ -94,11 +95,36 @@ class UploadMetadata(Body):
     weights_size: int = Field(ge=0)
     task: str | None = None
     tags: dict[str, str] = {}
+
+
+class PullMetadata(UploadMetadata):
+    """An adapter the client downloaded from the Hub at ``commit`` with its own Hub token."""
+
+    endpoint: str = Field(max_length=255)
+    repo_id: str = Field(max_length=255)
+    revision: str | None = Field(default=None, max_length=255)
+    commit: str = Field(pattern=r"^[0-9a-f]{40}$")
+    card: dict[str, Any] = {}
+    sidecar: dict[str, Any] | None = None
+
+
+class AddMetadata(UploadMetadata):
     base_model: str | None = None
     base_revision: str | None = None
     description: str | None = None
     allow_nonfinite: bool = False
     source_path: str | None = Field(default=None, max_length=4096)
+
+
+class PushRecord(Body):
+    ref: str
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")  # what the client downloaded and pushed
+    endpoint: str = Field(max_length=255)
+    repo_id: str = Field(max_length=255)
+    branch: str | None = Field(default=None, max_length=255)
+    commit: str = Field(pattern=r"^[0-9a-f]{40}$")
+    weights_oid: str = Field(pattern=r"^[0-9a-f]{40}$")
+    changed: bool = True  # False: the branch already held this content, no commit was made
 
 
 class ComposeRequest(Body):
@@ -173,9 +199,9 @@ class VerifyRequest(Body):
 def answer(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
     """A pydantic result (or a list of them) as JSON, exactly as ``--json`` prints it."""
     if isinstance(value, list):
-        content: Any = [item.model_dump(mode="json") for item in value]
+        content: Any = [item.model_dump(mode="json", by_alias=True) for item in value]
     elif isinstance(value, BaseModel):
-        content = value.model_dump(mode="json")
+        content = value.model_dump(mode="json", by_alias=True)
     else:
         content = value
     return JSONResponse(content, status_code=status, headers=headers)
@@ -351,25 +377,57 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
 
     # --- writes -----------------------------------------------------------------------------
 
-    @app.post(UPLOAD_ROUTE)
-    async def add(request: Request, who: Identity = Depends(caller)) -> Any:
-        """``pem add``: one streamed body, a JSON line of metadata then the weights file."""
-        metadata = await _read_metadata_line(request, options.max_body)
-        namespace = parse_module_name(metadata.name).namespace
-        require(who, Right.WRITE, namespace, "add modules")
+    async def receive_upload(request: Request, who: Identity, kind: type[UploadMetadata], operation: str,
+                             register: Callable[[Any, Path, Any], Any]) -> JSONResponse:
+        """One streamed body, a JSON line of metadata then the weights file, staged in a
+        temporary folder (removed whatever happens) and registered by ``register``."""
+        metadata = await _read_metadata_line(request, options.max_body, kind)
+        require(who, Right.WRITE, parse_module_name(metadata.name).namespace, operation)
         folder = Path(tempfile.mkdtemp(prefix="pem-upload-"))
         try:
             await _receive_weights(request, folder, metadata, options.max_upload)
             (folder / "adapter_config.json").write_text(json.dumps(metadata.config), encoding="utf-8")
-            info = await run_in_threadpool(
-                acting(who).add, folder, metadata.name, task=metadata.task, tags=metadata.tags,
-                base_model=metadata.base_model, base_revision=metadata.base_revision,
-                description=metadata.description, allow_nonfinite=metadata.allow_nonfinite,
-                source_path=metadata.source_path,
-            )
+            info = await run_in_threadpool(register, acting(who), folder, metadata)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return created_answer(info)
+
+    @app.post(UPLOAD_ROUTES[0])
+    async def add(request: Request, who: Identity = Depends(caller)) -> Any:
+        """``pem add``."""
+        def register(reg: Any, folder: Path, m: AddMetadata) -> Any:
+            return reg.add(folder, m.name, task=m.task, tags=m.tags, base_model=m.base_model,
+                           base_revision=m.base_revision, description=m.description,
+                           allow_nonfinite=m.allow_nonfinite, source_path=m.source_path)
+
+        return await receive_upload(request, who, AddMetadata, "add modules", register)
+
+    @app.post(UPLOAD_ROUTES[1])
+    async def pull(request: Request, who: Identity = Depends(caller)) -> Any:
+        """``pem pull`` through the server: the client downloaded from the Hub; the server
+        records the repo, commit and file digests, and the token's user as owner."""
+        from registry.schemas import ProvenanceSidecar
+
+        def register(reg: Any, folder: Path, m: PullMetadata) -> Any:
+            try:
+                sidecar = ProvenanceSidecar.model_validate(m.sidecar) if m.sidecar is not None else None
+            except ValueError:
+                raise InvalidRequestError("the pulled provenance sidecar does not match its schema") from None
+            return reg.register_pulled(folder, m.name, endpoint=m.endpoint, repo_id=m.repo_id, revision=m.revision,
+                                       commit=m.commit, card=m.card, sidecar=sidecar, task=m.task, tags=m.tags)
+
+        return await receive_upload(request, who, PullMetadata, "pull modules", register)
+
+    @app.get(f"{API}/push-bundle", dependencies=[Depends(reader)])
+    def push_bundle(ref: str) -> Any:
+        return answer(registry.push_bundle(ref))
+
+    @app.post(f"{API}/pushes")
+    def record_push(body: PushRecord, who: Identity = Depends(caller)) -> Any:
+        require(who, Right.WRITE, namespace_of(body.ref), "push modules")
+        return answer(acting(who).record_push(body.ref, digest=body.digest, endpoint=body.endpoint, repo_id=body.repo_id,
+                                              branch=body.branch, commit=body.commit, weights_oid=body.weights_oid,
+                                              changed=body.changed))
 
     @app.post(f"{API}/compose")
     def compose(body: ComposeRequest, who: Identity = Depends(caller)) -> Any:
@@ -467,7 +525,7 @@ def _stored_answer(registry: Any, user: str, key: str) -> Any:
         return session.scalars(select(IdempotencyKey).where(IdempotencyKey.user == user, IdempotencyKey.key == key)).first()
 
 
-async def _read_metadata_line(request: Request, limit: int) -> UploadMetadata:
+async def _read_metadata_line(request: Request, limit: int, kind: type[UploadMetadata]) -> Any:
     """The upload's first line (JSON metadata, at most ``limit`` bytes); the stream's remaining
     bytes are kept on the request for :func:`_receive_weights`."""
     buffered = b""
@@ -485,7 +543,7 @@ async def _read_metadata_line(request: Request, limit: int) -> UploadMetadata:
         raise RequestTooLargeError(f"the upload's metadata line is over {limit} bytes")
     request.state.upload_stream = (rest, stream)
     try:
-        return UploadMetadata.model_validate_json(line)
+        return kind.model_validate_json(line)
     except ValueError as exc:
         errors = exc.errors() if hasattr(exc, "errors") else []
         raise InvalidRequestError(_one_line(list(errors))) from None
@@ -555,7 +613,7 @@ class RequestContext:
             await send(message)
 
         try:
-            if scope["path"] != UPLOAD_ROUTE and scope["method"] in ("POST", "PUT", "PATCH"):
+            if scope["path"] not in UPLOAD_ROUTES and scope["method"] in ("POST", "PUT", "PATCH"):
                 receive = await self._buffered_body(scope, receive)
             await self.app(scope, receive, send_with_id)
         except RequestTooLargeError as exc:
