@@ -7,8 +7,9 @@
 'team/ab@1'
 
 There is no local database: every call is one request, and the server computes compositions,
-ports and verification next to the data. Blobs read by ``export`` stream into a local read
-cache (``$PEM_HOME/cache/remote``), checked against their digest, as an ``s3://`` store's are.
+ports and verification next to the data. Blobs read by ``export`` and ``push`` stream into
+the local read cache (``$PEM_HOME/cache``, the one an ``s3://`` store uses), checked against
+their digest.
 Uploads (``add``) stream the weights file; the server checks it against the declared sha256
 before registering it. Writes that are not idempotent by content (alias set and remove, tag,
 describe, remove) carry an ``Idempotency-Key``, so the one retry after a lost answer is safe.
@@ -307,8 +308,8 @@ class RemoteRegistry:
         if self._cache is None:
             from registry.store.cache import BlobCache
 
-            host = f"{self._parts.hostname}_{self._parts.port or ''}".replace(":", "_")
-            self._cache = BlobCache(self.home / CACHE_DIRNAME / "remote" / host, cache_size_limit())
+            # Content-addressed and checked by digest: one cache serves every server and bucket.
+            self._cache = BlobCache(self.home / CACHE_DIRNAME, cache_size_limit())
         return self._cache
 
     def cache_info(self) -> Any:
