@@ -25,7 +25,7 @@ from independent import make_numpy_lora
 from test_team_store import make_bucket, s3_server  # noqa: F401  (the session's moto server)
 
 from registry import Registry
-from registry.errors import AuthenticationError, PermissionDeniedError, ServerUnavailableError
+from registry.errors import AuthenticationError, NameConflictError, PermissionDeniedError, ServerUnavailableError
 from registry.remote import RemoteRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +50,11 @@ def pem(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Compl
 class Served:
     """A registry on disk (or PostgreSQL + bucket), its `pem serve` process and its tokens."""
 
-    def __init__(self, root: Path, server_env: dict[str, str], replica_of: "Served | None" = None):
+    def __init__(self, root: Path, server_env: dict[str, str], replica_of: "Served | None" = None,
+                 process_env: dict[str, str] | None = None):
         self.root = root
-        self.server_env = server_env  # what the server's host has: the database and store settings
+        self.server_env = server_env
+        self.process_env = process_env or {}  # only for the `pem serve` process (PEM_FAULT)  # what the server's host has: the database and store settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root / f"server-{self.port}.log"
@@ -73,9 +75,9 @@ class Served:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "serve", "--port", str(self.port)], cwd=ROOT, stdout=log, stderr=log,
-            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **self.server_env},
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **self.server_env, **self.process_env},
         )
-        deadline = time.monotonic() + STARTUP_BOUND_S
+        deadline = time.monotonic() + STARTUP_BOUND_S  # noqa: the bound of the wait, not an assertion
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"pem serve exited:\n{self.log_path.read_text()}")
@@ -441,3 +443,24 @@ def test_pull_and_push_through_the_server_use_the_clients_hub_access(served: Ser
                     if s.ref.startswith("hubby/")}
     assert statuses == {("hubby/pulled@1", "pull"): "up-to-date", ("hubby/half@1", "push"): "in-sync"}
     assert os.environ["HF_TOKEN"] not in served.log_path.read_text()
+
+
+def test_a_write_whose_answer_was_lost_is_never_applied_twice(tmp_path: Path, adapters: list[Path]):
+    """The server dies after committing a keyed write, before storing its answer: the key was
+    committed with the write, so the retry on another replica is refused (409), not re-applied."""
+    env = {"PEM_HOME": str(tmp_path / "server-home"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    dying = Served(tmp_path, env, process_env={"PEM_FAULT": "idempotent-applied"})
+    healthy = Served(tmp_path, env, replica_of=dying)
+    try:
+        remote = RemoteRegistry(f"{dying.url},{healthy.url}", token=dying.token, home=tmp_path / "client")
+        remote.add(adapters[0], "lost/a")
+        remote.add(adapters[1], "lost/a")
+        with pytest.raises(NameConflictError, match="was applied, but its answer was lost"):
+            remote.set_alias("lost/a", "prod", 1)  # the first keyed write: the server dies after its commit
+        assert dying.process.wait(timeout=60) == -9
+        assert [(m.from_version, m.to_version) for m in remote.alias_log("lost/a")] == [(None, 1)]  # applied once
+        remote.tag("lost/a@2", {"stage": "x"})  # the other replica carries on
+        assert [(c.field, c.new) for c in remote.history("lost/a@2")] == [("tag:stage", "x")]
+    finally:
+        dying.stop()
+        healthy.stop()

@@ -11,8 +11,9 @@ import secrets
 import shutil
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
@@ -89,6 +90,12 @@ if TYPE_CHECKING:
 # Needed by some commands only: loaded on first use (start-up of `pem list`, `pem show`).
 lineage_queries = lazy_module("registry.lineage")
 migrate = lazy_module("registry.db.migrate")
+
+
+# A registry server records a write's idempotency key in the write's own transaction: the
+# key is stored if and only if the write committed, whatever crashes in between.
+COMMIT_WITH_NEXT_WRITE: ContextVar[list[Callable[[Session], None]] | None] = ContextVar(
+    "pem_commit_with_next_write", default=None)
 
 
 class Catalog:
@@ -173,10 +180,17 @@ class Catalog:
 
     @contextmanager
     def _write_session(self) -> Iterator[Session]:
-        """A session in one write transaction, committed on success (BEGIN IMMEDIATE on SQLite)."""
+        """A session in one write transaction, committed on success (BEGIN IMMEDIATE on SQLite).
+        Rows a caller asked to commit with the next write (:data:`COMMIT_WITH_NEXT_WRITE`) are
+        added last, in the same transaction."""
+        pending = COMMIT_WITH_NEXT_WRITE.get()
         with self._session() as session, session.begin():
             session.connection(execution_options=WRITE)
             yield session
+            for add_rows in pending or ():
+                add_rows(session)
+        if pending:
+            pending.clear()  # committed: a later write of the same call does not repeat them
 
     # --- registering --------------------------------------------------------------------------
 

@@ -30,7 +30,8 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from registry import __version__
+from registry import __version__, faults
+from registry.api.catalog import COMMIT_WITH_NEXT_WRITE
 from registry.config import (
     DEFAULT_SERVER_MAX_BODY,
     DEFAULT_SERVER_MAX_UPLOAD,
@@ -42,10 +43,13 @@ from registry.config import (
 from registry.db.models import IdempotencyKey
 from registry.errors import (
     AuthenticationError,
+    DatabaseError,
     InvalidRequestError,
+    NameConflictError,
     NotFoundError,
     PemError,
     RequestTooLargeError,
+    ServerError,
 )
 from registry.refs import parse_module_name
 from registry.schemas import SCHEMA_VERSION
@@ -258,8 +262,6 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Starlette answers with this, then re-raises: RequestContext logs it with the request id.
-        from registry.errors import ServerError
-
         request_id = request.state.request_id
         return error_answer(request_id, ServerError(f"the server failed (request id {request_id}); its log has the details"))
 
@@ -493,8 +495,11 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
         return answer(acting(who).verify(body.ref))
 
     def idempotent(request: Request, who: Identity, body: Body, apply: Callable[[], Any]) -> JSONResponse:
-        """Run a write once per ``Idempotency-Key`` (per user): a retry with the same key and
-        request gets the stored answer; the same key with another request is refused."""
+        """Run a write once per ``Idempotency-Key`` (per user). The key is committed in the
+        write's own transaction, so it is stored exactly when the write happened; the answer
+        is stored next. A retry with the same key and request gets the stored answer (or, if
+        the server died between the two, a 409 saying the write was applied); the same key
+        with another request is refused."""
         key = request.headers.get("idempotency-key")
         if key is None:
             return answer(apply())
@@ -503,18 +508,27 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
         fingerprint = hashlib.sha256(f"{request.url.path}\n{body.model_dump_json()}".encode()).hexdigest()
         stored = _stored_answer(registry, who.user, key)
         if stored is None:
-            result = apply()
-            content = result.model_dump(mode="json")
+            record = IdempotencyKey(user=who.user, key=key, request_sha256=fingerprint, status=0, response={})
+            pending = COMMIT_WITH_NEXT_WRITE.set([lambda session: session.add(record)])
             try:
-                with registry._write_session() as session:
-                    session.add(IdempotencyKey(user=who.user, key=key, request_sha256=fingerprint, status=200,
-                                               response=content))
-                return JSONResponse(content)
-            except IntegrityError:  # a concurrent retry with the same key stored its answer first
+                content = apply().model_dump(mode="json")
+            except (IntegrityError, DatabaseError):  # a concurrent retry with the same key committed first
                 stored = _stored_answer(registry, who.user, key)
-                assert stored is not None
+                if stored is None:
+                    raise
+            finally:
+                COMMIT_WITH_NEXT_WRITE.reset(pending)
+            if stored is None:
+                faults.point("idempotent-applied")
+                with registry._write_session() as session:
+                    row = session.get(IdempotencyKey, record.id)
+                    row.status, row.response = 200, content
+                return JSONResponse(content)
         if stored.request_sha256 != fingerprint:
             raise InvalidRequestError(f"Idempotency-Key {key!r} was already used for another request: use a new key")
+        if stored.status == 0:
+            raise NameConflictError(f"the request with Idempotency-Key {key!r} was applied, but its answer was lost "
+                                    "(the server stopped): check the result instead of retrying")
         return JSONResponse(stored.response, status_code=stored.status, headers={"X-Pem-Replayed": "true"})
 
     return RequestContext(app, options)
@@ -621,8 +635,6 @@ class RequestContext:
         except Exception:
             log.exception("request %s failed: %s %s", request_id, scope["method"], scope["path"])
             if not status["sent"]:
-                from registry.errors import ServerError
-
                 await _send_json(send_with_id, error_answer(
                     request_id, ServerError(f"the server failed (request id {request_id}); its log has the details")))
         finally:
