@@ -447,8 +447,13 @@ class RemoteRegistry:
     def _hub_endpoint(endpoint: str | None) -> str:
         return (endpoint or os.environ.get(ENV_HUB_ENDPOINT) or DEFAULT_HUB_ENDPOINT).rstrip("/")
 
-    def sync(self, *args: Any, **kwargs: Any) -> Any:
-        raise PemError("pem sync does not work through a registry server yet: run it on the server's host")
+    def sync(self, *, pull: bool = False, endpoint: str | None = None) -> list[schemas.SyncStatus]:
+        """Compare the server's Hub links with the Hub, asked from here (this machine's Hub
+        access); ``pull`` pulls new commits through :meth:`pull`."""
+        from registry.api.hub_sync import sync_link
+
+        links = self._get_list(schemas.HubLinkInfo, f"{API}/hub-links")
+        return [sync_link(self, link, pull, (endpoint or link.endpoint).rstrip("/")) for link in links]
 
     def doctor(self, *, endpoint: str | None = None) -> list[schemas.HealthCheck]:
         """The server reachable and speaking this client's API, the token accepted, the local

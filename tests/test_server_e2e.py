@@ -439,9 +439,15 @@ def test_pull_and_push_through_the_server_use_the_clients_hub_access(served: Ser
     assert sidecar["module"]["digest"] == remote.get("hubby/half").digest
     assert [i["hub"]["repo_id"] for i in sidecar["derivation"]["inputs"]] == [repo]  # the pulled input's origin
     with served.local() as local:
+        assert remote.sync() == local.sync()  # the client asks the Hub itself, from the server's links
         statuses = {(s.ref, s.direction): s.status for s in local.sync(endpoint=hub.url)
                     if s.ref.startswith("hubby/")}
     assert statuses == {("hubby/pulled@1", "pull"): "up-to-date", ("hubby/half@1", "push"): "in-sync"}
+    newer = make_numpy_lora(tmp_path / "hub-adapter-2", seed=78)
+    head = hub.add_commit(repo, {"adapter_model.safetensors": (newer / "adapter_model.safetensors").read_bytes()})
+    behind = [s for s in remote.sync(pull=True) if s.repo_id == repo]
+    assert [(s.status, s.pulled, s.remote_commit) for s in behind] == [("behind", "hubby/pulled@2", head)]
+    assert remote.get("hubby/pulled@2").source["hub"]["commit"] == head
     assert os.environ["HF_TOKEN"] not in served.log_path.read_text()
 
 

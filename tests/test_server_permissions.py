@@ -44,6 +44,7 @@ MATRIX = {
     "check":         {"team": R, "other": R},
     "blob":          {"team": R, "other": R},
     "push bundle":   {"team": R, "other": R},
+    "hub links":     {"team": R, "other": R},
     "add":           {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
     "compose":       {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
     "port":          {"team": (401, 403, 200, 200, 200), "other": (401, 403, 200, 403, 200)},
@@ -121,6 +122,7 @@ def perform(world: World, operation: str, ns: str, token: str, key: str):
         "check": lambda: c.post("/api/v1/check", json={"expression": f"0.5*{ref}"}, headers=h),
         "blob": lambda: c.get(f"/api/v1/blobs/{digest}", headers=h),
         "push bundle": lambda: c.get("/api/v1/push-bundle", params={"ref": ref}, headers=h),
+        "hub links": lambda: c.get("/api/v1/hub-links", headers=h),
     }
     if operation in reads:
         return reads[operation]()

@@ -37,6 +37,7 @@ from registry.refs import (
     parse_module_name,
 )
 from registry.schemas import (
+    HubLinkInfo,
     ModuleInfo,
     ProvenanceSidecar,
     PushBundle,
@@ -211,44 +212,52 @@ class HubSync:
         """For each pulled module, whether its repo moved on since the pinned commit; for each
         pushed one, whether the remote still holds what was pushed. ``pull`` pulls new
         commits as new versions."""
+        return [sync_link(self, link, pull, endpoint or link.endpoint) for link in self.hub_links()]
+
+    def hub_links(self) -> list[HubLinkInfo]:
+        """The newest link of each (name, direction, repo, branch): once a new commit was
+        pulled as @2, @1 is history, not a module that is behind."""
         with self._session() as session:
-            # The newest link of each (name, direction, repo, branch): once a new commit was
-            # pulled as @2, @1 is history, not a module that is behind.
             latest = (
                 select(func.max(HubLink.id))
                 .join(Module, Module.id == HubLink.module_id)
                 .group_by(Module.namespace, Module.name, HubLink.direction, HubLink.repo_id, HubLink.revision)
             )
-            rows = [
-                (link, module.ref, module.full_name)
+            return [
+                HubLinkInfo(ref=module.ref, name=module.full_name, direction=link.direction, endpoint=link.endpoint,
+                            repo_id=link.repo_id, revision=link.revision, commit=link.commit,
+                            weights_oid=link.weights_oid)
                 for link, module in session.execute(
                     select(HubLink, Module).join(Module, Module.id == HubLink.module_id)
                     .where(HubLink.id.in_(latest)).order_by(HubLink.id)
                 )
             ]
-        return [self._sync_one(link, ref, full_name, pull, endpoint or link.endpoint) for link, ref, full_name in rows]
 
-    def _sync_one(self, link: HubLink, ref: str, full_name: str, pull: bool, endpoint: str) -> SyncStatus:
-        base = dict(ref=ref, direction=link.direction, repo_id=link.repo_id, revision=link.revision, commit=link.commit)
-        try:
-            head = hub.remote_head(endpoint, link.repo_id, link.revision)
-            if link.direction == "pull":
-                if head == link.commit:
-                    return SyncStatus(**base, remote_commit=head, status="up-to-date", detail="pinned commit is the head")
-                pulled = None
-                if pull:
-                    info = self.pull(f"{link.repo_id}@{link.revision}", name=full_name, endpoint=endpoint)
-                    pulled = info.ref if info.created else None
-                return SyncStatus(**base, remote_commit=head, status="behind", pulled=pulled,
-                                  detail=f"{link.revision} moved to {head[:12]}")
-            oid = hub.remote_weights_oid(endpoint, link.repo_id, link.revision)
-        except HubError as exc:
-            return SyncStatus(**base, remote_commit=None, status="error", detail=str(exc))
-        if oid is None:
-            return SyncStatus(**base, remote_commit=head, status="missing", detail="the weights are gone from the remote")
-        if oid != link.weights_oid:
-            return SyncStatus(**base, remote_commit=head, status="changed", detail="the remote weights differ from what was pushed")
-        return SyncStatus(**base, remote_commit=head, status="in-sync", detail="the remote holds what was pushed")
+
+def sync_link(registry: Any, link: HubLinkInfo, pull: bool, endpoint: str) -> SyncStatus:
+    """How one Hub link compares with the remote now (``registry.pull`` new commits with
+    ``pull``). Shared by a local registry and a registry server's client, which asks the Hub
+    itself, with its own token."""
+    base = dict(ref=link.ref, direction=link.direction, repo_id=link.repo_id, revision=link.revision, commit=link.commit)
+    try:
+        head = hub.remote_head(endpoint, link.repo_id, link.revision)
+        if link.direction == "pull":
+            if head == link.commit:
+                return SyncStatus(**base, remote_commit=head, status="up-to-date", detail="pinned commit is the head")
+            pulled = None
+            if pull:
+                info = registry.pull(f"{link.repo_id}@{link.revision}", name=link.name, endpoint=endpoint)
+                pulled = info.ref if info.created else None
+            return SyncStatus(**base, remote_commit=head, status="behind", pulled=pulled,
+                              detail=f"{link.revision} moved to {head[:12]}")
+        oid = hub.remote_weights_oid(endpoint, link.repo_id, link.revision)
+    except HubError as exc:
+        return SyncStatus(**base, remote_commit=None, status="error", detail=str(exc))
+    if oid is None:
+        return SyncStatus(**base, remote_commit=head, status="missing", detail="the weights are gone from the remote")
+    if oid != link.weights_oid:
+        return SyncStatus(**base, remote_commit=head, status="changed", detail="the remote weights differ from what was pushed")
+    return SyncStatus(**base, remote_commit=head, status="in-sync", detail="the remote holds what was pushed")
 
 
 @contextmanager

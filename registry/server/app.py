@@ -420,6 +420,10 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
 
         return await receive_upload(request, who, PullMetadata, "pull modules", register)
 
+    @app.get(f"{API}/hub-links", dependencies=[Depends(reader)])
+    def hub_links() -> Any:
+        return answer(registry.hub_links())
+
     @app.get(f"{API}/push-bundle", dependencies=[Depends(reader)])
     def push_bundle(ref: str) -> Any:
         return answer(registry.push_bundle(ref))
