@@ -276,15 +276,18 @@ class RemoteRegistry:
     def resolve(self, ref: str) -> schemas.ModuleInfo:
         return self._get(schemas.ModuleInfo, f"{API}/resolve", ref=ref)
 
-    def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
+    def export(self, ref: str, directory: str | os.PathLike[str], *, force: bool = False) -> Path:
         from registry.api.catalog import check_export_target, write_adapter_folder
 
-        target = check_export_target(directory)
+        target = check_export_target(directory, force)
         details = self.get(ref)
         return write_adapter_folder(target, details.config, self.blob(details.digest))
 
-    def remove(self, ref: str) -> schemas.ModuleInfo:
-        return self._post(schemas.ModuleInfo, f"{API}/remove", {"ref": ref}, idempotent=True)
+    def remove(self, ref: str, *, dry_run: bool = False) -> schemas.Removal:
+        return self._post(schemas.Removal, f"{API}/remove", {"ref": ref, "dry_run": dry_run}, idempotent=True)
+
+    def complete_reference(self, prefix: str, limit: int = 100) -> list[str]:
+        return self._json("GET", f"{API}/complete", params={"prefix": prefix, "limit": limit})[0]
 
     def blob(self, digest: str) -> Path:
         """The blob ``digest`` as a local file: from the read cache, else downloaded (streamed)
@@ -382,6 +385,9 @@ class RemoteRegistry:
 
     def remove_alias(self, name: str, alias: str) -> schemas.AliasInfo:
         return self._post(schemas.AliasInfo, f"{API}/aliases/remove", {"name": name, "alias": alias}, idempotent=True)
+
+    def list_aliases(self, name: str | None = None) -> list[schemas.AliasInfo]:
+        return self._get_list(schemas.AliasInfo, f"{API}/aliases", name=name)
 
     def alias_log(self, name: str) -> list[schemas.AliasMove]:
         return self._get_list(schemas.AliasMove, f"{API}/alias-log", name=name)

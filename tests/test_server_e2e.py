@@ -167,6 +167,18 @@ def test_remote_work_gives_what_the_local_api_gives(served: Served, adapters: li
         local_out = pem(*command, env=served.server_env).stdout
         assert remote_out == local_out, command
     assert pem("list", env=env).stdout == pem("list", env=served.server_env).stdout
+    pem("alias", "set", "e2e/a", "prod", "1", env=env)
+    assert pem("alias", "list", "--json", env=env).stdout == pem("alias", "list", "--json", env=served.server_env).stdout
+    admin = {**env, "PEM_TOKEN": served.admin_token}
+    for command in (["rm", "e2e/mix@1", "--dry-run"], ["rm", "e2e/mix-local@1", "--dry-run", "--json"]):
+        assert pem(*command, env=admin).stdout == pem(*command, env=served.server_env).stdout
+    assert remote.complete_reference("e2e/") == served.local().complete_reference("e2e/")
+    refused = pem("export", "e2e/mix", tmp_path / "cli-export", env=env, check=False)
+    assert refused.returncode != 0 and "--force" in refused.stderr  # the same rule as a local export
+    pem("export", "e2e/a", tmp_path / "cli-export", "--force", env=env)
+    assert filecmp.cmp(adapters[0] / "adapter_config.json", tmp_path / "cli-export" / "adapter_config.json") is False
+    assert (tmp_path / "cli-export" / "adapter_model.safetensors").read_bytes() != (
+        tmp_path / "local-export" / "adapter_model.safetensors").read_bytes()  # replaced by e2e/a's weights
 
     # the client keeps no database: only its read cache
     files = [p.relative_to(client_home).as_posix() for p in client_home.rglob("*") if p.is_file()]

@@ -179,8 +179,9 @@ class DescribeRequest(Body):
     description: str | None = Field(default=None, max_length=100_000)
 
 
-class RefRequest(Body):
+class RemoveRequest(Body):
     ref: str
+    dry_run: bool = False
 
 
 class BaseAddRequest(Body):
@@ -203,7 +204,8 @@ class VerifyRequest(Body):
 def answer(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
     """A pydantic result (or a list of them) as JSON, exactly as ``--json`` prints it."""
     if isinstance(value, list):
-        content: Any = [item.model_dump(mode="json", by_alias=True) for item in value]
+        content: Any = [item.model_dump(mode="json", by_alias=True) if isinstance(item, BaseModel) else item
+                        for item in value]
     elif isinstance(value, BaseModel):
         content = value.model_dump(mode="json", by_alias=True)
     else:
@@ -350,6 +352,14 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
     read_route("contents", registry.contents)
     read_route("history", registry.history)
 
+    @app.get(f"{API}/aliases", dependencies=[Depends(reader)])
+    def list_aliases(name: str | None = None) -> Any:
+        return answer(registry.list_aliases(name))
+
+    @app.get(f"{API}/complete", dependencies=[Depends(reader)])
+    def complete_reference(prefix: str, limit: int = Query(default=100, ge=1, le=1000)) -> Any:
+        return answer(registry.complete_reference(prefix, limit))
+
     @app.get(f"{API}/alias-log", dependencies=[Depends(reader)])
     def alias_log(name: str) -> Any:
         return answer(registry.alias_log(name))
@@ -481,10 +491,10 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
         return idempotent(request, who, body, apply)
 
     @app.post(f"{API}/remove")
-    def remove(request: Request, body: RefRequest, who: Identity = Depends(caller)) -> Any:
+    def remove(request: Request, body: RemoveRequest, who: Identity = Depends(caller)) -> Any:
         def apply() -> Any:
             require(who, Right.ADMIN, namespace_of(body.ref), "remove modules")
-            return acting(who).remove(body.ref)
+            return acting(who).remove(body.ref, dry_run=body.dry_run)
 
         return idempotent(request, who, body, apply)
 
@@ -524,9 +534,10 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
                 COMMIT_WITH_NEXT_WRITE.reset(pending)
             if stored is None:
                 faults.point("idempotent-applied")
-                with registry._write_session() as session:
-                    row = session.get(IdempotencyKey, record.id)
-                    row.status, row.response = 200, content
+                if record.id is not None:  # None: the request wrote nothing (a dry run), nothing to replay
+                    with registry._write_session() as session:
+                        row = session.get(IdempotencyKey, record.id)
+                        row.status, row.response = 200, content
                 return JSONResponse(content)
         if stored.request_sha256 != fingerprint:
             raise InvalidRequestError(f"Idempotency-Key {key!r} was already used for another request: use a new key")
