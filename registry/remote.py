@@ -323,17 +323,21 @@ class RemoteRegistry:
 
     # --- composition, provenance, porting --------------------------------------------------
 
-    def check(self, expression: str, *, method: str = "module", rank: int | None = None, dtype: str | None = None,
-              union: bool = False, deviation: bool = False) -> schemas.CheckReport:
-        body = {"expression": expression, "method": method, "rank": rank, "dtype": dtype, "union": union,
-                "deviation": deviation}
+    def check(self, expression: str, *, method: str = "module", rank: int | None = None, density: float | None = None,
+              seed: int | None = None, majority_sign: str | None = None, space: str | None = None,
+              dtype: str | None = None, union: bool = False, deviation: bool = False) -> schemas.CheckReport:
+        body = {"expression": expression, "method": method, "rank": rank, "density": density, "seed": seed,
+                "majority_sign": majority_sign, "space": space, "dtype": dtype, "union": union, "deviation": deviation}
         return schemas.CheckReport.model_validate(self._json("POST", f"{API}/check", body=body, retries=1)[0])
 
     def compose(self, expression: str, name: str, *, method: str = "module", rank: int | None = None,
-                dtype: str | None = None, union: bool = False, description: str | None = None,
-                new_version: bool = False, progress: Callable[[int, int], None] | None = None) -> schemas.ModuleInfo:
-        body = {"expression": expression, "name": name, "method": method, "rank": rank, "dtype": dtype,
-                "union": union, "description": description, "new_version": new_version}
+                density: float | None = None, seed: int | None = None, majority_sign: str | None = None,
+                space: str | None = None, dtype: str | None = None, union: bool = False,
+                description: str | None = None, new_version: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> schemas.ModuleInfo:
+        body = {"expression": expression, "name": name, "method": method, "rank": rank, "density": density,
+                "seed": seed, "majority_sign": majority_sign, "space": space, "dtype": dtype, "union": union,
+                "description": description, "new_version": new_version}
         # The same derivation asked again returns the module it made: a retry is safe.
         return self._created(*self._json("POST", f"{API}/compose", body=body, retries=1))
 

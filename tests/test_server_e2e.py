@@ -144,6 +144,13 @@ def test_remote_work_gives_what_the_local_api_gives(served: Served, adapters: li
         # the server composed exactly what the local API composes from the same inputs
         again = local.compose("0.5*e2e/a - 0.25*e2e/b", "e2e/mix-local")
         assert remote.get("e2e/mix").digest == again.digest
+        # the merge methods' parameters travel too (CLI options and API keywords)
+        pem("compose", "0.5*e2e/a + 0.5*e2e/b", "--name", "e2e/dare", "--method", "dare_ties", "--density", "0.5",
+            "--seed", "3", "--rank", "4", env=env)
+        dare = local.compose("0.5*e2e/a + 0.5*e2e/b", "e2e/dare-local", method="dare_ties", density=0.5, seed=3, rank=4)
+        assert remote.get("e2e/dare").digest == dare.digest
+        assert remote.check("0.5*e2e/a + 0.5*e2e/b", method="ties", density=0.5) == local.check(
+            "0.5*e2e/a + 0.5*e2e/b", method="ties", density=0.5)
         for ref in ("e2e/mix", "e2e/a"):
             assert remote.get(ref) == local.get(ref)
             assert remote.lineage(ref) == local.lineage(ref)

@@ -131,21 +131,28 @@ class PushRecord(Body):
     changed: bool = True  # False: the branch already held this content, no commit was made
 
 
-class ComposeRequest(Body):
-    expression: str = Field(max_length=100_000)
-    name: str
+class MergeParameters(Body):
+    """The composition method and its parameters, as ``Registry.check`` and ``compose`` take them."""
+
     method: str = "module"
     rank: int | None = None
+    density: float | None = None
+    seed: int | None = None
+    majority_sign: str | None = None
+    space: str | None = None
+
+
+class ComposeRequest(MergeParameters):
+    expression: str = Field(max_length=100_000)
+    name: str
     dtype: str | None = None
     union: bool = False
     description: str | None = None
     new_version: bool = False
 
 
-class CheckRequest(Body):
+class CheckRequest(MergeParameters):
     expression: str = Field(max_length=100_000)
-    method: str = "module"
-    rank: int | None = None
     dtype: str | None = None
     union: bool = False
     deviation: bool = False
