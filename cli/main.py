@@ -137,9 +137,9 @@ def with_registry(fn: Callable[..., Any]) -> Callable[..., Any]:
     @home_option
     @functools.wraps(fn)
     def wrapper(home: str | None, **kwargs: Any) -> Any:
-        from registry import Registry
+        from cli.server_commands import open_registry
 
-        registry = Registry.open(home)
+        registry = open_registry(home)  # local, or the server of --registry / PEM_REGISTRY_URL
         try:
             return fn(registry, **kwargs)
         finally:
@@ -175,8 +175,14 @@ def human_size(n: int) -> str:
 @click.group(cls=PemGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", type=click.Path(file_okay=False), default=None, help=HOME_HELP + " Also after the command.")
 @click.version_option(package_name="pem-registry", prog_name="pem")
-def pem(home: str | None) -> None:
+@click.option("--registry", "registry_url", metavar="URL",
+              help="A registry server (pem serve) to work against (default: $PEM_REGISTRY_URL, else the local registry).")
+@click.pass_context
+def pem(ctx: click.Context, home: str | None, registry_url: str | None) -> None:
     """pem-registry: keep, compose and publish parameter-efficient modules (PEFT adapters)."""
+    from cli.server_commands import refuse_host_side
+
+    refuse_host_side(ctx.invoked_subcommand, registry_url)
 
 
 # --- database ---------------------------------------------------------------------------------
@@ -891,10 +897,19 @@ def history(registry: Any, ref: str, as_json: bool) -> None:
 @json_option
 def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
     """Check the database, the blob store, the cache and the Hub endpoint; exit 1 on any FAIL
-    (an unreachable Hub is a WARN: only pull, push and sync need it)."""
-    from registry import Registry
+    (an unreachable Hub is a WARN: only pull, push and sync need it). With a registry URL: the
+    server, the API version, the token, the local cache and the Hub."""
+    from cli.server_commands import remote_url
 
-    checks = Registry.doctor(home, endpoint=endpoint)
+    url = remote_url()
+    if url is not None:  # the server, the token, the client's cache and the Hub
+        from registry.remote import RemoteRegistry
+
+        checks = RemoteRegistry(url, home=home, check_version=False).doctor(endpoint=endpoint)
+    else:
+        from registry import Registry
+
+        checks = Registry.doctor(home, endpoint=endpoint)
     if as_json:
         echo_json(checks)
     else:
@@ -902,6 +917,15 @@ def doctor(home: str | None, endpoint: str | None, as_json: bool) -> None:
             click.echo(f"{'ok' if c.ok else c.status.upper():<5}{c.name:<10}{c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
     if any(c.status == "fail" for c in checks):  # a warning (no Hub) does not fail doctor
         sys.exit(1)
+
+
+def _register_server_commands() -> None:
+    from cli.server_commands import register
+
+    register(pem, home_option, json_option, echo_json)
+
+
+_register_server_commands()
 
 
 def main() -> None:

@@ -11,6 +11,11 @@ variable                 meaning                                                
                          with a unit (``500MB``, ``10GB``, ``1.5GiB``)
 ``PEM_USER``             the owner recorded on registrations                          the OS user
 ``HF_ENDPOINT``          the Hugging Face Hub (or a mirror) to pull from and push to  ``https://huggingface.co``
+``PEM_REGISTRY_URL``     a registry server (``pem serve``) to use instead of a local  none (a local registry)
+                         database and store: ``http://HOST:PORT``
+``PEM_TOKEN``            the token sent to that server                                ``pem login``'s, else none
+``PEM_SERVER_MAX_BODY``  ``pem serve``: the largest JSON request body                 ``1MB``
+``PEM_SERVER_MAX_UPLOAD``  ``pem serve``: the largest adapter upload (``pem add``)    ``10GB``
 =======================  ===========================================================  ===================================
 
 The vLLM resolver plugin (:mod:`registry.serving.vllm_plugin`) also reads:
@@ -50,6 +55,12 @@ ENV_USER = "PEM_USER"
 ENV_S3_ENDPOINT_URL = "PEM_S3_ENDPOINT_URL"
 ENV_CACHE_SIZE = "PEM_CACHE_SIZE"
 ENV_HUB_ENDPOINT = "HF_ENDPOINT"  # the name huggingface_hub itself reads
+ENV_TOKEN = "PEM_TOKEN"
+ENV_SERVER_MAX_BODY = "PEM_SERVER_MAX_BODY"
+ENV_SERVER_MAX_UPLOAD = "PEM_SERVER_MAX_UPLOAD"
+DEFAULT_SERVER_MAX_BODY = "1MB"
+DEFAULT_SERVER_MAX_UPLOAD = "10GB"
+CREDENTIALS_FILENAME = "credentials.json"  # `pem login`'s tokens, in the home folder, mode 0600
 DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
 ENV_REGISTRY_URL = "PEM_REGISTRY_URL"  # a `pem serve` server (the vLLM plugin's third way to name a registry)
 ENV_VLLM_BASE_MODEL = "PEM_VLLM_BASE_MODEL"
@@ -180,3 +191,32 @@ class ServingSettings:
             poll_seconds=poll,
             server_url=(os.environ.get(ENV_VLLM_SERVER_URL) or "").rstrip("/") or None,
         )
+
+
+def is_registry_url(location: object) -> bool:
+    return isinstance(location, str) and location.startswith(("http://", "https://"))
+
+
+def registry_url(explicit: str | None = None) -> str | None:
+    """The registry server to use: an explicit URL (``--registry``), else ``PEM_REGISTRY_URL``,
+    else None (a local registry)."""
+    url = explicit or os.environ.get(ENV_REGISTRY_URL) or None
+    if url is not None and not is_registry_url(url):
+        raise ConfigurationError(f"registry URL {url!r} is not http:// or https://: use e.g. http://registry.internal:8080")
+    return url.rstrip("/") if url else None
+
+
+def server_limit(variable: str, default: str) -> int:
+    """A size limit of `pem serve` (``PEM_SERVER_MAX_BODY``, ``PEM_SERVER_MAX_UPLOAD``) in bytes."""
+    text = os.environ.get(variable) or default
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ConfigurationError(f"{variable}={text!r} is not a size: use bytes or a number with a unit, e.g. 1MB") from None
+
+
+ENV_SERVER_PUBLIC_READ = "PEM_SERVER_PUBLIC_READ"  # set by `pem serve --public-read` for its workers
+
+
+def server_public_read() -> bool:
+    return os.environ.get(ENV_SERVER_PUBLIC_READ, "") in ("1", "true", "yes")

@@ -126,6 +126,34 @@ class CorruptProvenanceError(PemError):
     corrupted catalog can hold; graph queries stop and name it (``pem verify --all`` lists all)."""
 
 
+# --- the registry server and its clients (``pem serve``) ----------------------------------------
+
+
+class AuthenticationError(PemError):
+    """No token, or a token that is unknown, revoked or expired (HTTP 401)."""
+
+
+class PermissionDeniedError(PemError):
+    """A valid token without the right an operation needs; the message names the right and the namespace (HTTP 403)."""
+
+
+class InvalidRequestError(PemError):
+    """A request the server cannot accept: junk or unknown JSON fields, a body over the limit,
+    an upload whose bytes do not match its declared digest, a reused idempotency key (HTTP 4xx)."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A JSON body or a blob upload over the server's configured limit (HTTP 413)."""
+
+
+class ServerError(PemError):
+    """The server failed unexpectedly; the message carries the request id it logged the error under."""
+
+
+class ServerUnavailableError(PemError):
+    """The registry server cannot be reached, or speaks another API version than this client."""
+
+
 # --- how errors are shown as JSON --------------------------------------------------------------
 
 

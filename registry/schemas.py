@@ -327,6 +327,30 @@ class Removal(BaseModel):
     blob_kept_for: list[str] = Field(description="other modules holding the same blob (then kept)")
 
 
+class HubLinkInfo(BaseModel):
+    """A module's newest link to a Hub repo (what ``pem sync`` compares with the remote)."""
+
+    ref: str
+    name: str
+    direction: Literal["pull", "push"]
+    endpoint: str
+    repo_id: str
+    revision: str
+    commit: str
+    weights_oid: str | None
+
+
+class PushBundle(BaseModel):
+    """What a push uploads besides the weights (a registry server hands it to its client, which
+    pushes with its own Hub token)."""
+
+    ref: str
+    digest: str
+    config: dict[str, Any]
+    card: str = Field(description="README.md")
+    sidecar: ProvenanceSidecar
+
+
 class GcReport(BaseModel):
     """``pem gc --json``."""
 

@@ -34,7 +34,7 @@ os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="pem-test-hf-cache-")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_ETAG_TIMEOUT"] = "2"
 os.environ.setdefault("HF_TOKEN", "test-token")
-for _var in ("PEM_HOME", "PEM_DATABASE_URL", "PEM_STORE", "PEM_USER"):
+for _var in ("PEM_HOME", "PEM_DATABASE_URL", "PEM_STORE", "PEM_USER", "PEM_REGISTRY_URL", "PEM_TOKEN"):
     os.environ.pop(_var, None)  # the developer's own registry never leaks into a test
 
 import pytest

@@ -11,8 +11,9 @@ import secrets
 import shutil
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
@@ -39,7 +40,7 @@ from registry.api.common import (
     read_adapter_folder,
     unknown_alias_error,
 )
-from registry.config import Settings
+from registry.config import Settings, is_registry_url, registry_url
 from registry.db.engine import (
     WRITE,
     current_revision,
@@ -91,6 +92,12 @@ lineage_queries = lazy_module("registry.lineage")
 migrate = lazy_module("registry.db.migrate")
 
 
+# A registry server records a write's idempotency key in the write's own transaction: the
+# key is stored if and only if the write committed, whatever crashes in between.
+COMMIT_WITH_NEXT_WRITE: ContextVar[list[Callable[[Session], None]] | None] = ContextVar(
+    "pem_commit_with_next_write", default=None)
+
+
 class Catalog:
     """Part of :class:`registry.Registry`: opening, registering, finding, exporting, removing."""
     """A catalog (SQL database) plus a blob store. Open with :meth:`open` or :meth:`init`."""
@@ -111,8 +118,21 @@ class Catalog:
         database_url: str | None = None,
         store: str | None = None,
         user: str | None = None,
+        token: str | None = None,
     ) -> "Registry":
-        """Open an existing registry; raises RegistryNotInitializedError if there is none."""
+        """Open an existing registry; raises RegistryNotInitializedError if there is none.
+
+        ``home`` may be a registry server's URL (``http://HOST:PORT``, see ``pem serve``), and
+        without any argument ``PEM_REGISTRY_URL`` names one: the result is then a
+        :class:`registry.remote.RemoteRegistry` with the same methods, authenticated by
+        ``token`` (else ``PEM_TOKEN``, else the one ``pem login`` stored)."""
+        url = home if is_registry_url(home) else None
+        if url is None and home is None and database_url is None and store is None:
+            url = registry_url()
+        if url is not None:
+            from registry.remote import RemoteRegistry
+
+            return RemoteRegistry(str(url), token=token)  # type: ignore[return-value]
         settings = Settings.resolve(home, database_url, store, user)
         missing = sqlite_file_missing(settings.database_url)
         if missing:  # do not create an empty database file just by looking
@@ -160,10 +180,17 @@ class Catalog:
 
     @contextmanager
     def _write_session(self) -> Iterator[Session]:
-        """A session in one write transaction, committed on success (BEGIN IMMEDIATE on SQLite)."""
+        """A session in one write transaction, committed on success (BEGIN IMMEDIATE on SQLite).
+        Rows a caller asked to commit with the next write (:data:`COMMIT_WITH_NEXT_WRITE`) are
+        added last, in the same transaction."""
+        pending = COMMIT_WITH_NEXT_WRITE.get()
         with self._session() as session, session.begin():
             session.connection(execution_options=WRITE)
             yield session
+            for add_rows in pending or ():
+                add_rows(session)
+        if pending:
+            pending.clear()  # committed: a later write of the same call does not repeat them
 
     # --- registering --------------------------------------------------------------------------
 
@@ -178,11 +205,13 @@ class Catalog:
         base_revision: str | None = None,
         description: str | None = None,
         allow_nonfinite: bool = False,
+        source_path: str | None = None,
     ) -> ModuleInfo:
         """Register the PEFT adapter folder at ``path`` as ``name`` (``NS/NAME``).
 
         Identical content (tensors and config) already registered under ``name`` is returned
-        as it is (``created`` False); other content becomes the next version.
+        as it is (``created`` False); other content becomes the next version. ``source_path``
+        is the folder as its owner knows it (a registry server receives uploads elsewhere).
         """
         module_name = parse_module_name(name)
         tag_pairs = parse_tags(tags)
@@ -200,7 +229,7 @@ class Catalog:
             task=task,
             tags=tag_pairs,
             description=description,
-            source={"path": str(folder.absolute()), "file_sha256": file_sha256(folder / WEIGHTS_FILE)},
+            source={"path": source_path or str(folder.absolute()), "file_sha256": file_sha256(folder / WEIGHTS_FILE)},
         )
 
     def _check_new_name_early(self, name: ModuleName) -> None:
@@ -558,40 +587,11 @@ class Catalog:
         a folder that ``PeftModel.from_pretrained`` loads. The folder is created if needed; an
         existing one keeps its mode and its other files, and adapter files already in it are
         replaced only with ``force``. New files follow the umask."""
-        target = Path(directory)
-        if target.exists() and not target.is_dir():
-            raise PemError(f"export target {target} exists and is not a folder: choose a folder")
-        present = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if os.path.lexists(target / name)]
-        if present and not force:
-            raise PemError(
-                f"{target} already holds {' and '.join(present)}: "
-                "pass --force to replace them, or choose another folder"
-            )
+        target = check_export_target(directory, force)
         with self._session() as session:
             module = self._resolve(session, ref)
             config, digest = module.config, module.digest
-        blob = self.store.local_path(digest)
-        created = not target.exists()
-        staged: list[tuple[Path, Path]] = []  # (temporary file, final name), renamed once all are written
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-            with new_file(target, WEIGHTS_FILE, staged) as out, open(blob, "rb") as source:
-                shutil.copyfileobj(source, out, 8 * 1024 * 1024)
-            with new_file(target, CONFIG_FILE, staged) as out:
-                out.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-            for temporary, final in staged:  # the weights first: a config never names weights not yet there
-                os.replace(temporary, final)
-        except BaseException as exc:
-            for temporary, _ in staged:
-                temporary.unlink(missing_ok=True)
-            if created and target.is_dir() and not any(target.iterdir()):
-                target.rmdir()
-            if isinstance(exc, OSError):
-                raise PemError(
-                    f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write"
-                ) from None
-            raise
-        return target
+        return write_adapter_folder(target, config, self.store.local_path(digest))
 
     def remove(self, ref: str, *, dry_run: bool = False) -> Removal:
         """Delete one version, named as ``NS/NAME@N`` (or by its ``sha256:`` digest); refused
@@ -747,3 +747,45 @@ def is_unique_violation(exc: IntegrityError) -> bool:
 # --- reading adapter folders ------------------------------------------------------------------
 
 
+# --- writing adapter folders --------------------------------------------------------------------
+
+
+def check_export_target(directory: str | os.PathLike[str], force: bool = False) -> Path:
+    """The export folder, refused when it is a file or already holds adapter files (unless ``force``)."""
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise PemError(f"export target {target} exists and is not a folder: choose a folder")
+    present = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if os.path.lexists(target / name)]
+    if present and not force:
+        raise PemError(
+            f"{target} already holds {' and '.join(present)}: "
+            "pass --force to replace them, or choose another folder"
+        )
+    return target
+
+
+def write_adapter_folder(target: Path, config: dict[str, Any], blob: Path) -> Path:
+    """Write ``adapter_config.json`` and a copy of ``blob`` as ``adapter_model.safetensors``
+    into ``target`` (created if needed), each staged and renamed into place, the weights first.
+    Shared by a local export and a registry server's client."""
+    created = not target.exists()
+    staged: list[tuple[Path, Path]] = []  # (temporary file, final name), renamed once all are written
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with new_file(target, WEIGHTS_FILE, staged) as out, open(blob, "rb") as source:
+            shutil.copyfileobj(source, out, 8 * 1024 * 1024)
+        with new_file(target, CONFIG_FILE, staged) as out:
+            out.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        for temporary, final in staged:  # the weights first: a config never names weights not yet there
+            os.replace(temporary, final)
+    except BaseException as exc:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if isinstance(exc, OSError):
+            raise PemError(
+                f"cannot write to {target}: {exc.strerror or exc}: choose a folder you can write"
+            ) from None
+        raise
+    return target

@@ -7,7 +7,7 @@ import json
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -37,8 +37,10 @@ from registry.refs import (
     parse_module_name,
 )
 from registry.schemas import (
+    HubLinkInfo,
     ModuleInfo,
     ProvenanceSidecar,
+    PushBundle,
     PushResult,
     SyncStatus,
 )
@@ -70,6 +72,19 @@ class HubSync:
         self._check_new_name_early(module_name)
         endpoint = (endpoint or self.settings.hub_endpoint).rstrip("/")
         commit, names = hub.resolve(repo_id, revision, endpoint)
+        known = self.pulled_module(str(module_name), repo_id, commit)
+        if known is not None:
+            return known
+        with tempfile.TemporaryDirectory(prefix="pem-pull-") as tmp:
+            files = hub.download(repo_id, commit, names, endpoint, Path(tmp))
+            faults.point("pull-downloaded")
+            return self.register_pulled(Path(tmp), str(module_name), endpoint=endpoint, repo_id=repo_id,
+                                        revision=revision, commit=commit, card=files.card, sidecar=files.sidecar,
+                                        task=task, tags=tags)
+
+    def pulled_module(self, name: str, repo_id: str, commit: str) -> ModuleInfo | None:
+        """The version of ``name`` pulled from ``repo_id`` at ``commit``, if there is one."""
+        module_name = parse_module_name(name)
         with self._session() as session:
             known = session.scalars(
                 select(Module).join(HubLink, HubLink.module_id == Module.id).where(
@@ -77,18 +92,39 @@ class HubSync:
                     Module.namespace == module_name.namespace, Module.name == module_name.name,
                 )
             ).first()
-            if known is not None:
-                return module_info(known, created=False)
-        with tempfile.TemporaryDirectory(prefix="pem-pull-") as tmp:
-            files = hub.download(repo_id, commit, names, endpoint, Path(tmp))
-            faults.point("pull-downloaded")
-            with named_on_the_hub(Path(tmp), f"{repo_id}@{commit[:12]}"):
-                config, metadata, digest, size = self._ingest(Path(tmp))
-            weights_oid = hub.git_blob_oid(Path(tmp) / WEIGHTS_FILE)
-            weights_sha256 = file_sha256(Path(tmp) / WEIGHTS_FILE)
+            return module_info(known, created=False) if known is not None else None
+
+    def register_pulled(
+        self,
+        folder: Path,
+        name: str,
+        *,
+        endpoint: str,
+        repo_id: str,
+        revision: str | None,
+        commit: str,
+        card: dict[str, Any],
+        sidecar: ProvenanceSidecar | None,
+        task: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> ModuleInfo:
+        """Register an adapter folder downloaded from the Hub at ``commit`` (by :meth:`pull`, or
+        by a registry server's client, which downloads with its own Hub token and uploads the
+        folder), with the link to the repo and commit."""
+        module_name = parse_module_name(name)
+        tag_pairs = parse_tags(tags)
+        check_lengths(task=task)
+        known = self.pulled_module(name, repo_id, commit)
+        if known is not None:
+            return known
+        self._check_new_name_early(module_name)
+        with named_on_the_hub(folder, f"{repo_id}@{commit[:12]}"):
+            config, metadata, digest, size = self._ingest(folder)
+        weights_oid = hub.git_blob_oid(folder / WEIGHTS_FILE)
+        weights_sha256 = file_sha256(folder / WEIGHTS_FILE)
         link = HubLink(direction="pull", endpoint=endpoint, repo_id=repo_id, revision=revision or "main",
                        commit=commit, weights_oid=weights_oid)
-        sidecar = files.sidecar if files.sidecar and files.sidecar.module.digest == digest else None
+        sidecar = sidecar if sidecar and sidecar.module.digest == digest else None
 
         def attach(session: Session, module: Module) -> None:
             link.module_id = module.id
@@ -97,7 +133,7 @@ class HubSync:
                 session.add(imported_derivation(session, module, sidecar, repo_id, commit))
 
         source = {"hub": {"endpoint": endpoint, "repo_id": repo_id, "revision": revision or "main", "commit": commit,
-                          "file_sha256": weights_sha256}, "card": files.card}
+                          "file_sha256": weights_sha256}, "card": card}
         info = self._register(
             module_name, kind="pulled", digest=digest, size_bytes=size, config=config, metadata=metadata,
             task=task, tags=tag_pairs, description=None, source=source, attach=attach,
@@ -127,6 +163,18 @@ class HubSync:
         if revision:
             raise InvalidNameError(f"push takes a repo id without @revision: use --branch {revision}")
         endpoint = (endpoint or self.settings.hub_endpoint).rstrip("/")
+        bundle = self.push_bundle(ref)
+        weights = self.store.local_path(bundle.digest)
+        with tempfile.TemporaryDirectory(prefix="pem-push-") as tmp:
+            hub.stage_push(Path(tmp), bundle.config, weights, bundle.card, bundle.sidecar)
+            commit, changed = hub.upload(endpoint, repo_id, Path(tmp), private=private, branch=branch,
+                                         message=message or f"pem-registry: push {bundle.ref}")
+            weights_oid = hub.git_blob_oid(Path(tmp) / WEIGHTS_FILE)  # what was uploaded, even if rm took the blob
+        return self.record_push(bundle.ref, digest=bundle.digest, endpoint=endpoint, repo_id=repo_id, branch=branch,
+                                commit=commit, weights_oid=weights_oid, changed=changed)
+
+    def push_bundle(self, ref: str) -> PushBundle:
+        """What a push uploads besides the weights: config, model card and provenance sidecar."""
         with self._session() as session:
             module = self._resolve(session, ref)
             input_ids = [i.input_id for i in module.derivation.inputs if i.input_id] if module.derivation else []
@@ -135,28 +183,28 @@ class HubSync:
                 for link in session.scalars(select(HubLink).where(HubLink.module_id.in_(input_ids)).order_by(HubLink.id))
             }
             sidecar = hub.sidecar_for(module, links)
-            card = hub.model_card(module, sidecar)
-            config, module_id, module_ref, module_digest = module.config, module.id, module.ref, module.digest
-        weights = self.store.local_path(module_digest)
-        with tempfile.TemporaryDirectory(prefix="pem-push-") as tmp:
-            hub.stage_push(Path(tmp), config, weights, card, sidecar)
-            commit, changed = hub.upload(endpoint, repo_id, Path(tmp), private=private, branch=branch,
-                                         message=message or f"pem-registry: push {module_ref}")
-            weights_oid = hub.git_blob_oid(Path(tmp) / WEIGHTS_FILE)  # what was uploaded, even if rm took the blob
-        link = dict(module_id=module_id, direction="push", endpoint=endpoint, repo_id=repo_id,
-                    revision=branch or "main", commit=commit)
+            return PushBundle(ref=module.ref, digest=module.digest, config=module.config,
+                              card=hub.model_card(module, sidecar), sidecar=sidecar)
+
+    def record_push(self, ref: str, *, digest: str, endpoint: str, repo_id: str, branch: str | None, commit: str,
+                    weights_oid: str, changed: bool = True) -> PushResult:
+        """Record that ``ref`` (whose tensors are ``digest``) was pushed to ``repo_id`` at
+        ``commit`` (sync compares against it); pushing unchanged content again records nothing new."""
         with self._write_session() as session:
-            pushed = session.scalars(
-                select(Module.id).where(Module.id == module_id, Module.digest == module_digest).with_for_update()
-            ).first()
-            if pushed is None:
+            try:
+                module = self._resolve(session, ref, lock=True)
+            except NotFoundError:
+                module = None
+            if module is None or module.digest != digest:
                 raise ModuleRemovedError(
-                    f"{module_ref} was removed while pushing: {repo_id}@{commit[:12]} holds it, "
-                    "but the push was not recorded"
+                    f"{ref} was removed while pushing: {repo_id}@{commit[:12]} holds it, but the push was not recorded"
                 )
+            link = dict(module_id=module.id, direction="push", endpoint=endpoint, repo_id=repo_id,
+                        revision=branch or "main", commit=commit)
             # Pushing unchanged content again records nothing new.
             if session.scalar(select(HubLink.id).filter_by(**link).limit(1)) is None:
                 session.add(HubLink(**link, weights_oid=weights_oid))
+            module_ref = module.ref
         return PushResult(ref=module_ref, repo_id=repo_id, branch=branch or "main", commit=commit,
                           url=f"{endpoint}/{repo_id}", changed=changed)
 
@@ -164,44 +212,52 @@ class HubSync:
         """For each pulled module, whether its repo moved on since the pinned commit; for each
         pushed one, whether the remote still holds what was pushed. ``pull`` pulls new
         commits as new versions."""
+        return [sync_link(self, link, pull, endpoint or link.endpoint) for link in self.hub_links()]
+
+    def hub_links(self) -> list[HubLinkInfo]:
+        """The newest link of each (name, direction, repo, branch): once a new commit was
+        pulled as @2, @1 is history, not a module that is behind."""
         with self._session() as session:
-            # The newest link of each (name, direction, repo, branch): once a new commit was
-            # pulled as @2, @1 is history, not a module that is behind.
             latest = (
                 select(func.max(HubLink.id))
                 .join(Module, Module.id == HubLink.module_id)
                 .group_by(Module.namespace, Module.name, HubLink.direction, HubLink.repo_id, HubLink.revision)
             )
-            rows = [
-                (link, module.ref, module.full_name)
+            return [
+                HubLinkInfo(ref=module.ref, name=module.full_name, direction=link.direction, endpoint=link.endpoint,
+                            repo_id=link.repo_id, revision=link.revision, commit=link.commit,
+                            weights_oid=link.weights_oid)
                 for link, module in session.execute(
                     select(HubLink, Module).join(Module, Module.id == HubLink.module_id)
                     .where(HubLink.id.in_(latest)).order_by(HubLink.id)
                 )
             ]
-        return [self._sync_one(link, ref, full_name, pull, endpoint or link.endpoint) for link, ref, full_name in rows]
 
-    def _sync_one(self, link: HubLink, ref: str, full_name: str, pull: bool, endpoint: str) -> SyncStatus:
-        base = dict(ref=ref, direction=link.direction, repo_id=link.repo_id, revision=link.revision, commit=link.commit)
-        try:
-            head = hub.remote_head(endpoint, link.repo_id, link.revision)
-            if link.direction == "pull":
-                if head == link.commit:
-                    return SyncStatus(**base, remote_commit=head, status="up-to-date", detail="pinned commit is the head")
-                pulled = None
-                if pull:
-                    info = self.pull(f"{link.repo_id}@{link.revision}", name=full_name, endpoint=endpoint)
-                    pulled = info.ref if info.created else None
-                return SyncStatus(**base, remote_commit=head, status="behind", pulled=pulled,
-                                  detail=f"{link.revision} moved to {head[:12]}")
-            oid = hub.remote_weights_oid(endpoint, link.repo_id, link.revision)
-        except HubError as exc:
-            return SyncStatus(**base, remote_commit=None, status="error", detail=str(exc))
-        if oid is None:
-            return SyncStatus(**base, remote_commit=head, status="missing", detail="the weights are gone from the remote")
-        if oid != link.weights_oid:
-            return SyncStatus(**base, remote_commit=head, status="changed", detail="the remote weights differ from what was pushed")
-        return SyncStatus(**base, remote_commit=head, status="in-sync", detail="the remote holds what was pushed")
+
+def sync_link(registry: Any, link: HubLinkInfo, pull: bool, endpoint: str) -> SyncStatus:
+    """How one Hub link compares with the remote now (``registry.pull`` new commits with
+    ``pull``). Shared by a local registry and a registry server's client, which asks the Hub
+    itself, with its own token."""
+    base = dict(ref=link.ref, direction=link.direction, repo_id=link.repo_id, revision=link.revision, commit=link.commit)
+    try:
+        head = hub.remote_head(endpoint, link.repo_id, link.revision)
+        if link.direction == "pull":
+            if head == link.commit:
+                return SyncStatus(**base, remote_commit=head, status="up-to-date", detail="pinned commit is the head")
+            pulled = None
+            if pull:
+                info = registry.pull(f"{link.repo_id}@{link.revision}", name=link.name, endpoint=endpoint)
+                pulled = info.ref if info.created else None
+            return SyncStatus(**base, remote_commit=head, status="behind", pulled=pulled,
+                              detail=f"{link.revision} moved to {head[:12]}")
+        oid = hub.remote_weights_oid(endpoint, link.repo_id, link.revision)
+    except HubError as exc:
+        return SyncStatus(**base, remote_commit=None, status="error", detail=str(exc))
+    if oid is None:
+        return SyncStatus(**base, remote_commit=head, status="missing", detail="the weights are gone from the remote")
+    if oid != link.weights_oid:
+        return SyncStatus(**base, remote_commit=head, status="changed", detail="the remote weights differ from what was pushed")
+    return SyncStatus(**base, remote_commit=head, status="in-sync", detail="the remote holds what was pushed")
 
 
 @contextmanager
