@@ -105,7 +105,7 @@ def browser():
 def page(browser, site):
     """A fresh browser context recording every request, console error and dialog; at the end
     of the test, every request stayed on 127.0.0.1 and nothing went wrong in the console."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
     requests, problems = [], []
     context.on("request", lambda request: requests.append(request.url))
     tab = context.new_page()
@@ -184,6 +184,7 @@ def test_click_through_provenance_lineage_descendants_and_logout(page, site):
     page.wait_for_load_state()
     assert urlparse(page.url).path == "/modules/team/mix@1"
     page.screenshot(path=str(ARTIFACTS / "module.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "module-top.png"), clip={"x": 0, "y": 0, "width": 1100, "height": 1180})
 
     assert page.locator("code.expression").inner_text() == "0.5 * team/a0 + 0.25 * team/a1 - team/a2"
     canonical = page.locator("code.canonical").inner_text()
