@@ -61,7 +61,7 @@ def human_size(size: int) -> str:
 
 
 def templates() -> Environment:
-    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
+    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True), auto_reload=False,
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["size"] = human_size
     env.filters["page_url"] = lambda ref: "/modules/" + quote(ref, safe="/@:")
