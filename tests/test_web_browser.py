@@ -162,6 +162,8 @@ def test_catalog_lists_filters_and_searches_as_the_cli_does(page, site):
     page.get_by_role("button", name="Filter").click()
     page.wait_for_load_state()
     assert all_pages(page) == cli_refs(env, "--search", "MIX") == ["team/mix@1", "team/mix2@1"]
+    remote = {"PEM_HOME": env["PEM_HOME"] + "-client", "PEM_REGISTRY_URL": url, "PEM_TOKEN": token}
+    assert cli_refs(remote, "--search", "MIX") == ["team/mix@1", "team/mix2@1"]  # the same search through the server
 
     page.goto(f"{url}/?search=onerror")  # found through the tag value, shown as text
     assert catalog_refs(page) == cli_refs(env, "--search", "onerror") == ["lab/odd-one@1"]
