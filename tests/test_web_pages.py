@@ -210,3 +210,26 @@ def test_secure_cookie_behind_a_trusted_proxy_only(catalog: Registry):
     for answer, secure in ((trusted, True), (untrusted, False), (direct, True)):
         cookie = next(c for c in answer.headers.get_list("set-cookie") if c.startswith("pem_session="))
         assert ("secure" in [p.strip().lower() for p in cookie.split(";")]) is secure
+
+
+def test_lineage_layout_puts_inputs_above_what_was_made_from_them_and_marks_the_hub():
+    from registry.schemas import Lineage, LineageEdge, LineageNode
+    from registry.server.web.graph import ROW_GAP, NODE_HEIGHT, layout
+
+    def node(ref: str, kind: str) -> LineageNode:
+        return LineageNode(ref=ref, digest="0" * 64, kind=kind, peft_type="LORA", method=None, expression=None)
+
+    # top <- mid <- base, and top <- base directly: base sits above mid (its longest path)
+    lineage = Lineage(root="t/top@1", nodes=[node("t/top@1", "derived"), node("t/mid@1", "derived"),
+                                             node("t/base@1", "pulled"), node("hf/repo:x@1", "external")],
+                      edges=[LineageEdge(output="t/top@1", input="t/mid@1", method="exact", a=1, b=1),
+                             LineageEdge(output="t/top@1", input="t/base@1", method="exact", a=0.5, b=-0.5),
+                             LineageEdge(output="t/mid@1", input="t/base@1", method="svd", a=2, b=2),
+                             LineageEdge(output="t/mid@1", input="hf/repo:x@1", method="svd", a=1, b=1)])
+    graph = layout(lineage)
+    row = {n.ref: n.y // (NODE_HEIGHT + ROW_GAP) for n in graph.nodes}
+    assert row == {"hf/repo:x@1": 0, "t/base@1": 0, "t/mid@1": 1, "t/top@1": 2}
+    assert {n.ref for n in graph.nodes if n.hub} == {"t/base@1", "hf/repo:x@1"}
+    assert {n.ref for n in graph.nodes if not n.linked} == {"hf/repo:x@1"}  # no page for an external input
+    assert all(e.y1 < e.y2 for e in graph.edges)  # every edge points down, input to output
+    assert sorted(e.label for e in graph.edges) == ["exact 1", "exact a=0.5 b=-0.5", "svd 1", "svd 2"]
