@@ -281,7 +281,7 @@ def evaluate(
 
 
 def measure_deviation(plan: OutputPlan, store: BlobStore) -> dict[str, Any]:
-    """How far the ``module`` method's effect is from the exact sum, per layer and overall
+    """How far the method's effect is from the exact sum, per layer and overall
     (relative Frobenius error of dW). LoRA only; reads the tensors, writes nothing."""
     from registry.adapters.lora.compute import deviation
     from registry.compose.arrays import TorchArrays
