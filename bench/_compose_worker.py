@@ -234,9 +234,13 @@ def run_registry(spec: dict) -> dict:
     from registry import Registry
 
     Registry  # noqa: B018  (resolves the lazy attribute: imports registry.api)
-    # torch and the engine are imported by compose on first use; import them here so that the
-    # step, like the naive script's, excludes imports (the process time includes them).
+    # The engine (and the array library of the method) are imported by compose on first use;
+    # import them here so that the step, like the naive script's, excludes imports (the whole
+    # `pem compose` process, the "pem" route, includes them).
     import registry.compose.engine  # noqa: F401
+    from registry.adapters import adapter_type
+
+    adapter_type("LORA").compute(spec["method"])
 
     measure = Measure(spec.get("profile"))
     opened = time.perf_counter()

@@ -97,7 +97,8 @@ def run_registry(spec: dict) -> dict:
     from registry import Registry
 
     Registry  # noqa: B018
-    import registry.compose.engine  # noqa: F401  (torch imported before the step, as in compose.py)
+    import registry.adapters.lora.compute  # noqa: F401  (torch imported before the step, as in compose.py)
+    import registry.compose.engine  # noqa: F401
 
     registry = Registry.open(spec["home"], database_url=f"sqlite:///{spec['database']}", store=spec["store"])
     measure = Measure()

@@ -154,6 +154,11 @@ class ServerUnavailableError(PemError):
     """The registry server cannot be reached, or speaks another API version than this client."""
 
 
+class CorruptBlobError(BlobStoreError):
+    """A blob's bytes do not match its digest (a flipped byte, a truncated file): nothing was
+    written or registered from it."""
+
+
 # --- how errors are shown as JSON --------------------------------------------------------------
 
 

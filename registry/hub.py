@@ -264,9 +264,11 @@ def model_card(module: "Module", sidecar: ProvenanceSidecar) -> str:
     return "\n".join(lines)
 
 
-def stage_push(folder: Path, config: dict[str, Any], weights: Path, card: str, sidecar: ProvenanceSidecar) -> None:
+def stage_push(folder: Path, config: dict[str, Any], weights: Path | None, card: str, sidecar: ProvenanceSidecar) -> None:
+    """The files of a push; ``weights`` None: the caller writes them (a copy with its digest checked)."""
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    shutil.copyfile(weights, folder / WEIGHTS_FILE)
+    if weights is not None:
+        shutil.copyfile(weights, folder / WEIGHTS_FILE)
     (folder / CARD_FILE).write_text(card)
     (folder / SIDECAR_FILENAME).write_text(sidecar.model_dump_json(by_alias=True, indent=2) + "\n")
 

@@ -159,9 +159,15 @@ def rederive(registry: Any, module: Module) -> tuple[str | None, str | None]:
     stack = derivation.environment
     return (
         f"re-derivation gives sha256:{digest[:12]}, stored sha256:{module.digest[:12]} "
-        f"(made with torch {stack.get('torch')}, safetensors {stack.get('safetensors')})",
+        f"(made with {_stack_text(stack)})",
         None,
     )
+
+
+def _stack_text(stack: dict[str, Any]) -> str:
+    if "numpy" in stack:
+        return f"numpy {stack['numpy']}"
+    return f"torch {stack.get('torch')}, safetensors {stack.get('safetensors')}"
 
 
 def _relative_effect_error(stored: Path, rederived: Path) -> float:

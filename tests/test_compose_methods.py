@@ -277,7 +277,7 @@ def test_parameters_are_checked_before_the_catalog_or_tensors(reg, monkeypatch):
     def no_reading(*args, **kwargs):
         raise AssertionError("a tensor was read")
 
-    monkeypatch.setattr(engine.LayerSource, "load", no_reading)
+    monkeypatch.setattr(engine.InputBlob, "read_layer", no_reading)
     with pytest.raises(UnsupportedMethodError, match="must lie in"):
         reg.compose("team/a + team/nonexistent", "team/bad", method="ties", density=0.0)
 

@@ -598,6 +598,37 @@ def test_a_corrupted_cached_file_is_downloaded_again(monkeypatch, tmp_path, data
         reg.close()
 
 
+@SQLITE_ONLY
+def test_a_corrupted_cached_input_is_noticed_while_composing_and_downloaded_again(
+    monkeypatch, tmp_path, database_url, bucket, store_url
+) -> None:
+    """compose hashes a cached input while reading it (no separate check pass): a damaged
+    cached copy is noticed there, dropped, and downloaded again (checked on the way); the
+    composition is then computed from the intact object."""
+    reg = open_user(monkeypatch, tmp_path / "home", database_url, store_url, init=True)
+    try:
+        a = reg.add(make_adapter(tmp_path / "a", seed=1), "team/a")
+        reg.add(make_adapter(tmp_path / "b", seed=2), "team/b")
+        cached = reg.store.cache.path(a.digest)
+        os.chmod(cached, 0o644)
+        with open(cached, "r+b") as f:  # a flipped byte in the cached copy, same size
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0xFF]))
+        fresh = open_user(monkeypatch, tmp_path / "home", database_url, store_url)  # has hashed nothing yet
+        try:
+            c = fresh.compose("team/a + team/b", "team/c")
+            assert c.created
+            assert hashlib.sha256(cached.read_bytes()).hexdigest() == a.digest  # downloaded again
+            report = fresh.verify()  # re-derives team/c from the intact inputs: same digest
+            assert report.ok and report.rederived == 1
+        finally:
+            fresh.close()
+    finally:
+        reg.close()
+
+
 # --- the store on its own ---------------------------------------------------------------------------
 
 

@@ -66,6 +66,8 @@ class AdapterType:
     peft_type: str = ""
     composable: bool = False
     compute_module: str = ""
+    # Methods computed without torch (registry/compose/arrays.py): method -> its module.
+    numpy_compute_modules: dict[str, str] = {}
     # Tensor name ending -> the parameter it holds (".lora_A.weight" -> "lora_A").
     tensor_suffixes: dict[str, str] = {}
 
@@ -98,11 +100,12 @@ class AdapterType:
         magnitudes (:data:`MAX_ABS`) before any tensor is read."""
         return [], []
 
-    def compute(self) -> Any:
-        """The module with ``compute_layer`` and ``finish`` (imports torch)."""
+    def compute(self, method: str | None = None) -> Any:
+        """The module with ``compute_layer`` and ``finish`` for ``method``: numpy for the
+        methods in ``numpy_compute_modules``, else the torch one (which imports torch)."""
         import importlib
 
-        return importlib.import_module(self.compute_module)
+        return importlib.import_module(self.numpy_compute_modules.get(method or "", self.compute_module))
 
 
 # --- helpers shared by the types --------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy import Engine, func, or_, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
@@ -82,6 +82,7 @@ from registry.schemas import (
     Removal,
 )
 from registry.store import BlobStore, open_store
+from registry.store.checked import copy_blob
 
 if TYPE_CHECKING:
     from registry.adapters import AdapterMetadata
@@ -603,8 +604,8 @@ class Catalog:
         target = check_export_target(directory, force)
         with self._session() as session:
             module = self._resolve(session, ref)
-            config, digest = module.config, module.digest
-        return write_adapter_folder(target, config, self.store.local_path(digest))
+            config, digest, size, module_ref = module.config, module.digest, module.size_bytes, module.ref
+        return write_adapter_folder(target, config, lambda out: copy_blob(self.store, module_ref, digest, size, out))
 
     def remove(self, ref: str, *, dry_run: bool = False) -> Removal:
         """Delete one version, named as ``NS/NAME@N`` (or by its ``sha256:`` digest); refused
@@ -818,16 +819,21 @@ def check_export_target(directory: str | os.PathLike[str], force: bool = False) 
     return target
 
 
-def write_adapter_folder(target: Path, config: dict[str, Any], blob: Path) -> Path:
+def write_adapter_folder(target: Path, config: dict[str, Any], blob: Path | Callable[[BinaryIO], None]) -> Path:
     """Write ``adapter_config.json`` and a copy of ``blob`` as ``adapter_model.safetensors``
     into ``target`` (created if needed), each staged and renamed into place, the weights first.
-    Shared by a local export and a registry server's client."""
+    ``blob`` is a file, or a function writing the weights (a copy checked against its digest,
+    which raises before anything is renamed). Shared by a local export and a server's client."""
     created = not target.exists()
     staged: list[tuple[Path, Path]] = []  # (temporary file, final name), renamed once all are written
     try:
         target.mkdir(parents=True, exist_ok=True)
-        with new_file(target, WEIGHTS_FILE, staged) as out, open(blob, "rb") as source:
-            shutil.copyfileobj(source, out, 8 * 1024 * 1024)
+        with new_file(target, WEIGHTS_FILE, staged) as out:
+            if callable(blob):
+                blob(out)
+            else:
+                with open(blob, "rb") as source:
+                    shutil.copyfileobj(source, out, 8 * 1024 * 1024)
         with new_file(target, CONFIG_FILE, staged) as out:
             out.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         for temporary, final in staged:  # the weights first: a config never names weights not yet there

@@ -158,22 +158,24 @@ def file_sha256(path: Path) -> str:
 # --- rows to results --------------------------------------------------------------------------
 
 
-def environment() -> dict[str, Any]:
-    """The stack a derivation was computed with (bit-for-bit re-derivation depends on it)."""
+def environment(arrays: str = "torch") -> dict[str, Any]:
+    """The stack a derivation was computed with (bit-for-bit re-derivation depends on it):
+    the array library that did the arithmetic (registry/compose/arrays.py) and its version.
+    Only what computed is imported: a numpy composition never imports torch."""
     import platform
-
-    import safetensors
-    import torch
 
     from registry import __version__
 
-    return {
-        "pem_registry": __version__,
-        "torch": torch.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    stack: dict[str, Any] = {"pem_registry": __version__, "python": platform.python_version(), "arrays": arrays}
+    if arrays == "numpy":
+        import numpy
+
+        return {**stack, "numpy": numpy.__version__}
+    import safetensors
+    import torch
+
+    return {**stack, "torch": torch.__version__, "safetensors": safetensors.__version__,
+            "torch_threads": torch.get_num_threads()}
 
 
 # Columns of a ModuleInfo, selected directly by list(): no ORM objects, no large JSON.

@@ -19,10 +19,13 @@ from registry.db.models import (
 )
 from registry.errors import (
     AmbiguousReferenceError,
+    BlobStoreError,
+    CorruptBlobError,
     IncompatibleModulesError,
     InvalidNameError,
     NameConflictError,
     NotFoundError,
+    UnknownModuleError,
     UnsupportedMethodError,
 )
 from registry.methods import DEFAULT_METHOD, get_method
@@ -36,6 +39,7 @@ from registry.schemas import (
     OutputSummary,
     TermInfo,
 )
+from registry.store.checked import check_blob, reading
 
 if TYPE_CHECKING:
     from registry.compose.plan import InputModule, OutputPlan
@@ -147,19 +151,22 @@ class Composing:
             earlier = session.scalars(
                 select(Derivation).where(Derivation.identity == identity).order_by(Derivation.module_id)
             ).first()
-            reuse = (earlier.module.digest, earlier.results, earlier.module.layers) if earlier is not None else None
+            reuse = (
+                (earlier.module.digest, earlier.results, earlier.module.layers, earlier.module.ref)
+                if earlier is not None else None
+            )
         maxima: dict[str, float] = {}
         if reuse is not None and self.store.exists(reuse[0]):
-            digest, results, _ = reuse  # the same derivation was computed before: share its blob
+            digest, results, _, earlier_ref = reuse  # the same derivation was computed before: share its blob
             size = self.store.size(digest)
+            check_blob(self.store, earlier_ref, digest, size)
         else:
-            from registry.compose.engine import evaluate
-
-            digest, size, results = evaluate(plan, self.store, progress, magnitudes=maxima)
+            digest, size, results = self._evaluate(plan, progress, maxima)
             reuse = None
             if "rank" in plan.parameters:  # requested (parameters) and effective rank, issue 14 item 11
                 results = {**results, "effective_rank": plan.max_rank}
         handler = adapter_type(plan.peft_type)
+        arrays = getattr(handler.compute(plan.method.name), "ARRAYS", "torch")
         metadata = handler.describe(plan.config, read_header(self.store.local_path(digest)))
         if reuse is not None:
             copy_magnitudes(reuse[2], metadata.layers)
@@ -175,7 +182,7 @@ class Composing:
                 method_version=plan.method.version,
                 parameters=plan.parameters,
                 results=results,
-                environment=environment(),
+                environment=environment(arrays),
                 identity=identity,
                 inputs=[
                     DerivationInput(position=n, input_id=i.module_id, input_digest=i.digest, a=float(i.a), b=float(i.b))
@@ -188,6 +195,25 @@ class Composing:
             task=None, tags=[], description=description, source=None, attach=attach,
             inputs=plan.inputs, doing="composing",
         )
+
+    def _evaluate(self, plan: OutputPlan, progress: Any, maxima: dict[str, float]) -> tuple[str, int, dict[str, Any]]:
+        from registry.compose.engine import evaluate
+
+        try:
+            return reading(self.store, lambda: evaluate(plan, self.store, progress, magnitudes=maxima))
+        except BlobStoreError as exc:
+            if isinstance(exc, CorruptBlobError):
+                raise
+            # A blob that vanished after planning: its module was removed meanwhile (pem rm
+            # deletes an orphaned blob), which verify could not find; say so.
+            with self._session() as session:
+                present = set(session.scalars(select(Module.id).where(Module.id.in_([i.module_id for i in plan.inputs]))))
+            removed = [i.ref for i in plan.inputs if i.module_id not in present]
+            if removed:
+                raise UnknownModuleError(
+                    f"input {', '.join(removed)} was removed while composing; nothing was registered"
+                ) from None
+            raise
 
     def _plan(
         self, expression: str, method_name: str, parameters: dict[str, Any], dtype: str | None, union: bool

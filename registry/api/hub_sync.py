@@ -44,6 +44,7 @@ from registry.schemas import (
     PushResult,
     SyncStatus,
 )
+from registry.store.checked import copy_blob
 
 
 hub = lazy_module("registry.hub")  # loaded on first use: only pull, push and sync need it
@@ -164,9 +165,10 @@ class HubSync:
             raise InvalidNameError(f"push takes a repo id without @revision: use --branch {revision}")
         endpoint = (endpoint or self.settings.hub_endpoint).rstrip("/")
         bundle = self.push_bundle(ref)
-        weights = self.store.local_path(bundle.digest)
         with tempfile.TemporaryDirectory(prefix="pem-push-") as tmp:
-            hub.stage_push(Path(tmp), bundle.config, weights, bundle.card, bundle.sidecar)
+            hub.stage_push(Path(tmp), bundle.config, None, bundle.card, bundle.sidecar)
+            with open(Path(tmp) / WEIGHTS_FILE, "wb") as staged:  # nothing is uploaded unless it checks
+                copy_blob(self.store, bundle.ref, bundle.digest, self.store.size(bundle.digest), staged)
             commit, changed = hub.upload(endpoint, repo_id, Path(tmp), private=private, branch=branch,
                                          message=message or f"pem-registry: push {bundle.ref}")
             weights_oid = hub.git_blob_oid(Path(tmp) / WEIGHTS_FILE)  # what was uploaded, even if rm took the blob

@@ -34,6 +34,7 @@ from registry.schemas import (
     ModuleInfo,
     PortReport,
 )
+from registry.store.checked import check_blob
 
 
 hosts = lazy_module("registry.hosts")  # loaded on first use: most commands never port
@@ -153,7 +154,9 @@ class Porting:
                 raise IncompatibleModulesError([f"cannot port {module.ref} to {report.to_base} ({report.level}): {detail}"])
             config = {**module.config, "base_model_name_or_path": host.model_id, "revision": host.revision or None}
             source = InputModule.from_row(module, a=Fraction(1), b=Fraction(1))
-            digest, header = module.digest, read_header(self.store.local_path(module.digest))
+            digest, size = module.digest, module.size_bytes
+        check_blob(self.store, source.ref, digest, size)  # the port is registered from this blob
+        header = read_header(self.store.local_path(digest, verified=False))
         metadata = adapter_type(module.peft_type).describe(config, header)
         copy_magnitudes(source.layers, metadata.layers)  # the same tensors
         parameters = {"from": report.from_base, "to": report.to_base, "level": report.level, "evidence": report.evidence}

@@ -1,9 +1,12 @@
 """Evaluating a checked plan: stream the inputs layer by layer, write the output blob.
 
-Each input's blob is read tensor by tensor with ``pread`` (not memory-mapped: touched
-mapped pages count in the resident set, PERFORMANCE.md), so peak memory is about one layer
-per input plus the output layer. The output is written in canonical form straight into the
-blob store and hashed as it is written: its digest costs no second pass.
+Inputs are read with ``pread``, one read per layer and input (a layer's tensors lie next to
+each other in a canonical blob), not memory-mapped: touched mapped pages count in the
+resident set (PERFORMANCE.md), so peak memory is about a few layers per input plus the output
+layer. A reader thread reads the next layers while the current one is computed, and hashes
+every input as it reads it (sha256 releases the GIL), so checking each input against its
+digest costs no second pass; the output is hashed as it is written. The output blob becomes
+visible only once every input's digest has matched: a corrupt input registers nothing.
 """
 
 from __future__ import annotations
@@ -13,91 +16,32 @@ import os
 import queue
 import threading
 from contextlib import ExitStack
-from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any, Callable, Iterator
 
 from registry import faults
 from registry.adapters import adapter_type
-from registry.compose.plan import OutputPlan
-from registry.errors import BlobStoreError, IncompatibleModulesError
-from registry.safetensors_io import FLOAT_DTYPES, SafetensorsHeader, TensorInfo, canonical_header, read_header
+from registry.compose.arrays import arrays_for, largest_magnitude
+from registry.compose.plan import InputModule, OutputPlan
+from registry.errors import BlobStoreError, IncompatibleModulesError, InvalidAdapterError
+from registry.safetensors_io import SafetensorsHeader, canonical_header, read_header
 from registry.store import BlobStore
+from registry.store.checked import DigestCheck, open_blob
 
 Progress = Callable[[int, int], None]
+# A layer of one input as read: parameter name (lora_A, ia3_l, ...) -> (dtype, shape, bytes).
+RawLayer = dict[str, tuple[str, tuple[int, ...], bytearray]]
 
 
-def torch_dtype(safetensors_dtype: str) -> torch.dtype:
-    return getattr(torch, FLOAT_DTYPES[safetensors_dtype])
-
-
-def work_dtype(plan: OutputPlan) -> torch.dtype:
+def is_wide(plan: OutputPlan) -> bool:
     """Arithmetic in float32 at least; float64 when the output or an input is float64."""
-    wide = plan.dtype == "F64" or any(i.dtype == "F64" for i in plan.inputs)
-    return torch.float64 if wide else torch.float32
-
-
-class InputReader:
-    """Reads one input blob's tensors on demand, checking them against the catalog."""
-
-    def __init__(self, path: Path, digest: str, fd: int):
-        self.header: SafetensorsHeader = read_header(path)
-        self.digest = digest
-        self.fd = fd
-
-    def tensor(self, name: str, expected_shape: list[int]) -> torch.Tensor:
-        info: TensorInfo | None = self.header.tensors.get(name)
-        if info is None or list(info.shape) != list(expected_shape):
-            raise BlobStoreError(
-                f"blob sha256:{self.digest} does not match the catalog at {name}: run `pem verify --all`"
-            )
-        buffer = bytearray(info.nbytes)
-        if info.nbytes and os.preadv(self.fd, [buffer], info.start) != info.nbytes:
-            raise BlobStoreError(f"blob sha256:{self.digest} is truncated: run `pem verify --all`")
-        return torch.frombuffer(buffer, dtype=torch_dtype(info.dtype)).reshape(info.shape) if info.nbytes else (
-            torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        )
-
-
-def load_layer(reader: InputReader, layer_info: dict[str, Any], layer: str, suffixes: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The tensors of one layer of one input, keyed by parameter name (lora_A, ia3_l, ...)."""
-    by_param = {param: suffix for suffix, param in suffixes.items()}
-    return {
-        param: reader.tensor(layer + by_param[param], shape) for param, shape in layer_info["params"].items()
-    }
-
-
-def open_readers(stack: ExitStack, plan: OutputPlan, store: BlobStore) -> list[InputReader]:
-    readers = []
-    for module in plan.inputs:
-        path = store.local_path(module.digest)
-        fd = os.open(path, os.O_RDONLY)
-        stack.callback(os.close, fd)
-        readers.append(InputReader(path, module.digest, fd))
-    return readers
-
-
-class LayerSource:
-    """Loads one layer of every input at a time: None for an input that lacks the layer."""
-
-    def __init__(self, plan: OutputPlan, store: BlobStore, stack: ExitStack):
-        self.plan = plan
-        self.suffixes = adapter_type(plan.peft_type).tensor_suffixes
-        self.readers = open_readers(stack, plan, store)
-
-    def load(self, layer: str) -> list[dict[str, torch.Tensor] | None]:
-        return [
-            load_layer(reader, module.layers[layer], layer, self.suffixes) if layer in module.layers else None
-            for module, reader in zip(self.plan.inputs, self.readers)
-        ]
+    return plan.dtype == "F64" or any(i.dtype == "F64" for i in plan.inputs)
 
 
 def tensor_layers(plan: OutputPlan) -> dict[str, str]:
-    """Output tensor name -> its layer (the longest layer name it extends)."""
+    """Output tensor name -> its layer (the longest layer name it extends), in name order."""
     layers = set(plan.layers)
     mapping = {}
-    for name in plan.tensors:
+    for name in sorted(plan.tensors):
         layer = name
         while layer not in layers:
             if "." not in layer:
@@ -107,13 +51,129 @@ def tensor_layers(plan: OutputPlan) -> dict[str, str]:
     return mapping
 
 
-def _max_abs(tensor: torch.Tensor) -> float:
-    """The largest magnitude; NaN or Inf anywhere shows in the minimum or the maximum: one
-    reduction instead of a full boolean mask (about 20x cheaper on adapter-sized tensors)."""
-    if tensor.numel() == 0:
-        return 0.0
-    low, high = torch.aminmax(tensor)
-    return max(abs(low.item()), abs(high.item()))
+def layer_order(layer_of: dict[str, str]) -> list[str]:
+    """Layers in the order the canonical output needs them: the order of their first tensor
+    by name. Inputs are canonical files too, so this reads each input front to back."""
+    return list(dict.fromkeys(layer_of.values()))
+
+
+class InputBlob:
+    """One input's blob, open: its header checked against the catalog, its digest checked
+    from the bytes read."""
+
+    def __init__(self, module: InputModule, store: BlobStore, stack: ExitStack):
+        self.module = module
+        try:
+            path, self.fd = open_blob(store, module.digest)
+        except BlobStoreError:
+            raise BlobStoreError(
+                f"blob of {module.ref} (sha256:{module.digest}) is missing from {store.location}: "
+                "run `pem verify --all`"
+            ) from None
+        stack.callback(os.close, self.fd)
+        self.check = DigestCheck(store, module.ref, module.digest, self.fd, module.size_bytes)
+        self.check.check_size()
+        try:
+            self.header: SafetensorsHeader = read_header(path)
+        except InvalidAdapterError:
+            raise self.check.corrupt("its header is not a valid safetensors header") from None
+
+    def read_layer(self, layer: str, suffixes: dict[str, str]) -> RawLayer:
+        """The layer's tensors in one read (they are contiguous), fed to the digest check."""
+        by_param = {param: suffix for suffix, param in suffixes.items()}
+        infos = []
+        for param, shape in self.module.layers[layer]["params"].items():
+            info = self.header.tensors.get(layer + by_param[param])
+            if info is None or list(info.shape) != list(shape):
+                raise self.check.corrupt(f"it does not hold {layer + by_param[param]} as the catalog records")
+            infos.append((param, info))
+        infos.sort(key=lambda item: item[1].start)
+        out: RawLayer = {}
+        run: list[tuple[str, Any]] = []
+        for param, info in infos + [("", None)]:
+            if run and (info is None or info.start != run[-1][1].end):
+                self._read_run(run, out)
+                run = []
+            if info is not None:
+                run.append((param, info))
+        return out
+
+    def _read_run(self, run: list[tuple[str, Any]], out: RawLayer) -> None:
+        buffers = [bytearray(info.nbytes) for _, info in run]
+        start, total = run[0][1].start, sum(len(b) for b in buffers)
+        if total and os.preadv(self.fd, buffers, start) != total:
+            raise self.check.corrupt("truncated while reading it")
+        for (param, info), buffer in zip(run, buffers):
+            self.check.feed(info.start, buffer)
+            out[param] = (info.dtype, info.shape, buffer)
+
+
+class LayerReader:
+    """Reads layers of every input in a background thread, a few layers ahead of the
+    arithmetic: ``None`` for an input that lacks a layer. After the last layer, the thread
+    hashes what was not read (nothing, for canonical inputs) and ``verify`` compares every
+    input with its digest."""
+
+    AHEAD = 3
+
+    def __init__(self, plan: OutputPlan, store: BlobStore, stack: ExitStack, order: list[str]):
+        self.inputs = [InputBlob(module, store, stack) for module in plan.inputs]
+        self.suffixes = adapter_type(plan.peft_type).tensor_suffixes
+        self._order = order
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.AHEAD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pem-input-reader", daemon=True)
+        self._thread.start()
+        stack.callback(self.close)
+
+    def _run(self) -> None:
+        try:
+            for layer in self._order:
+                loaded = [
+                    blob.read_layer(layer, self.suffixes) if layer in blob.module.layers else None
+                    for blob in self.inputs
+                ]
+                if not self._put((layer, loaded)):
+                    return
+            for blob in self.inputs:
+                blob.check.hash_rest()
+            self._put(None)
+        except BaseException as exc:  # handed to the consumer, raised in its thread
+            self._put(exc)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def layers(self) -> Iterator[tuple[str, list[RawLayer | None]]]:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                return
+            yield item
+
+    def verify(self) -> None:
+        """Raise CorruptBlobError for the first input whose bytes do not match its digest."""
+        for blob in self.inputs:
+            blob.check.verify()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def decoded(arrays: Any, raw: list[RawLayer | None]) -> list[dict[str, Any] | None]:
+    return [
+        None if layer is None else {param: arrays.decode(buffer, dtype, shape) for param, (dtype, shape, buffer) in layer.items()}
+        for layer in raw
+    ]
 
 
 class BackgroundWriter:
@@ -165,68 +225,77 @@ def evaluate(
 ) -> tuple[str, int, dict[str, Any]]:
     """Compute the plan's output from the inputs in ``store`` into ``output_store`` (default:
     the same store). Returns (digest, size in bytes, results); fills ``magnitudes`` with each
-    output tensor's largest |value|."""
-    compute = adapter_type(plan.peft_type).compute()
-    work = work_dtype(plan)
-    out_dtype = torch_dtype(plan.dtype)
+    output tensor's largest |value| as stored. Raises CorruptBlobError, with nothing stored,
+    when an input does not match its digest."""
+    compute = adapter_type(plan.peft_type).compute(plan.method.name)
+    arrays = arrays_for(compute)
+    work = arrays.work_dtype(is_wide(plan))
     layer_of = tensor_layers(plan)
+    order = layer_order(layer_of)
     stats: dict[str, float] = {}
     header_bytes, _ = canonical_header((n, d, s) for n, (d, s) in plan.tensors.items())
     with ExitStack() as stack, (output_store or store).writer() as writer:
-        # Element-wise work on adapter-sized tensors gains nothing from a second thread, and
-        # loses much when the machine is busy; results do not depend on it.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        stack.callback(torch.set_num_threads, threads)
+        undo = arrays.pin_threads()
+        if undo is not None:
+            stack.callback(undo)
         writer.write(header_bytes)
         background = stack.enter_context(BackgroundWriter(writer))
-        source = LayerSource(plan, store, stack)
-        pending: dict[str, torch.Tensor] = {}
-        done_layers = 0
+        reader = LayerReader(plan, store, stack, order)
+        layers = reader.layers()
+        pending: dict[str, Any] = {}
+        done = 0
         # The canonical file orders tensors by name; layers are computed as their first
         # tensor comes up and held until each of their tensors has been written.
-        for name in sorted(plan.tensors):
+        for name, layer in layer_of.items():
             if name not in pending:
-                layer = layer_of[name]
-                outputs, layer_stats = compute.compute_layer(plan, layer, source.load(layer), work)
+                read_layer, raw = next(layers)
+                assert read_layer == layer, (read_layer, layer)
+                outputs, layer_stats = compute.compute_layer(plan, layer, decoded(arrays, raw), work)
                 for key, value in layer_stats.items():
                     stats[key] = stats.get(key, 0.0) + value
                 pending.update(outputs)
-                done_layers += 1
-                if done_layers == 1:
+                done += 1
+                if done == 1:
                     faults.point("compose-layer")
                 if progress is not None:
-                    progress(done_layers, len(plan.layers))
-            tensor = pending.pop(name).to(out_dtype).contiguous()
-            if tuple(tensor.shape) != plan.tensors[name][1]:
-                raise AssertionError(f"{name}: computed {tuple(tensor.shape)}, planned {plan.tensors[name][1]}")
-            largest = _max_abs(tensor)
+                    progress(done, len(order))
+            array = pending.pop(name)
+            if arrays.shape(array) != plan.tensors[name][1]:
+                raise AssertionError(f"{name}: computed {arrays.shape(array)}, planned {plan.tensors[name][1]}")
+            encoded = arrays.encode(array, plan.tensors[name][0])
+            largest = largest_magnitude(encoded, plan.tensors[name][0])  # as stored: a value may overflow only there
             if not math.isfinite(largest):
                 raise IncompatibleModulesError(
                     [f"the result is not finite (NaN or Inf) at {name}: check the inputs and coefficients"]
                 )
             if magnitudes is not None:
                 magnitudes[name] = largest
-            background.write(memoryview(tensor.view(torch.uint8).numpy()))
+            background.write(encoded)
+        for _ in layers:  # the reader's end: every input hashed to its end
+            raise AssertionError("the reader read more layers than planned")
         background.finish()
+        reader.verify()  # before the output becomes visible
         size = writer.sink.bytes_written
         digest = writer.commit()
     return digest, size, compute.finish(stats)
 
 
 def measure_deviation(plan: OutputPlan, store: BlobStore) -> dict[str, Any]:
-    """How far the ``module`` method's effect is from the exact sum, per layer and overall
+    """How far the method's effect is from the exact sum, per layer and overall
     (relative Frobenius error of dW). LoRA only; reads the tensors, writes nothing."""
     from registry.adapters.lora.compute import deviation
+    from registry.compose.arrays import TorchArrays
 
-    work = work_dtype(plan)
+    arrays = TorchArrays()
+    work = arrays.work_dtype(is_wide(plan))
     per_layer: dict[str, float] = {}
     error_sq = norm_sq = 0.0
     with ExitStack() as stack:
-        source = LayerSource(plan, store, stack)
-        for layer in plan.layers:
-            error, norm = deviation(plan, layer, source.load(layer), work)
+        reader = LayerReader(plan, store, stack, layer_order(tensor_layers(plan)))
+        for layer, raw in reader.layers():
+            error, norm = deviation(plan, layer, decoded(arrays, raw), work)
             per_layer[layer] = error / norm if norm else 0.0
             error_sq += error**2
             norm_sq += norm**2
+        reader.verify()
     return {"overall": (error_sq / norm_sq) ** 0.5 if norm_sq else 0.0, "per_layer": per_layer}

@@ -45,6 +45,7 @@ class InputModule:
     a: Fraction
     b: Fraction
     position: int = 0  # first appearance in the expression (for display)
+    size_bytes: int | None = None  # of the blob, checked before it is read
 
     @classmethod
     def from_row(cls, module: Any, position: int = 0, a: Fraction = Fraction(0), b: Fraction = Fraction(0)) -> "InputModule":
@@ -53,7 +54,7 @@ class InputModule:
             ref=module.ref, module_id=module.id, digest=module.digest, config_digest=module.config_digest,
             peft_type=module.peft_type, composable=module.composable, unsupported=tuple(module.unsupported),
             base_model=module.base_model, base_revision=module.base_revision, dtype=module.dtype,
-            layers=module.layers, config=module.config, a=a, b=b, position=position,
+            layers=module.layers, config=module.config, a=a, b=b, position=position, size_bytes=module.size_bytes,
         )
 
 

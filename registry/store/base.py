@@ -60,9 +60,19 @@ class BlobStore(ABC):
     def exists(self, digest: str) -> bool: ...
 
     @abstractmethod
-    def local_path(self, digest: str) -> Path:
+    def local_path(self, digest: str, verified: bool = True) -> Path:
         """A local file holding the blob, for reading or memory-mapping. Raises BlobStoreError
-        when the blob is missing."""
+        when the blob is missing. A remote store checks its cached copy against the digest
+        before handing it out unless ``verified`` is False: the caller then hashes what it
+        reads itself (registry.store.checked) and reports a mismatch with ``corrupt_hint``."""
+
+    # A remote store keeps local copies it can download again: a read that finds its copy
+    # damaged is retried once (registry.store.checked.reading), transparently.
+    refetches_damaged = False
+
+    def corrupt_hint(self, digest: str) -> str:
+        """What to do about a blob found corrupt while reading it (after any clean-up)."""
+        return "run `pem verify`"
 
     @abstractmethod
     def delete(self, digest: str) -> None: ...

@@ -72,14 +72,15 @@ class BlobCache:
 
     # --- reading ---------------------------------------------------------------------------
 
-    def lookup(self, digest: str) -> Path | None:
+    def lookup(self, digest: str, check: bool = True) -> Path | None:
         """The cached file of ``digest``, checked and marked as used; None when there is none
-        (or it was damaged: then it is removed)."""
+        (or it was damaged: then it is removed). ``check`` False skips the hash, for a
+        caller that hashes what it reads (and calls ``discard`` on a mismatch)."""
         path = self.path(digest)
         try:
             st = path.stat()
             identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if self._verified.get(digest) != identity:
+            if check and self._verified.get(digest) != identity:
                 if _sha256_file(path) != digest:
                     self._unlink_if_same(path, identity)
                     self._verified.pop(digest, None)

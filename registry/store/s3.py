@@ -282,8 +282,8 @@ class S3BlobStore(BlobStore):
     def exists(self, digest: str) -> bool:
         return self._head(digest) is not None
 
-    def local_path(self, digest: str) -> Path:
-        cached = self.cache.lookup(digest)
+    def local_path(self, digest: str, verified: bool = True) -> Path:
+        cached = self.cache.lookup(digest, check=verified)
         if cached is not None:
             return cached
         return self.cache.fetch(digest, lambda sink: self._download(digest, sink), self.location)
@@ -309,6 +309,12 @@ class S3BlobStore(BlobStore):
                 f"the download of sha256:{digest[:12]} from {self.location} stopped after {sink.bytes_written} "
                 f"of {expected} bytes: try again"
             )
+
+    refetches_damaged = True
+
+    def corrupt_hint(self, digest: str) -> str:
+        self.cache.discard(digest)  # the next read downloads it again
+        return "its damaged cached copy was removed: run the command again (`pem verify` checks the bucket)"
 
     def size(self, digest: str) -> int:
         head = self._head(digest)

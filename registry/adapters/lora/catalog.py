@@ -70,6 +70,7 @@ class LoraType(AdapterType):
     peft_type = "LORA"
     composable = True
     compute_module = "registry.adapters.lora.compute"
+    numpy_compute_modules = {"module": "registry.adapters.lora.linear", "exact": "registry.adapters.lora.linear"}
 
     def extra_violations(self, inputs: list[Any], method: str, union: bool) -> list[str]:
         if method != "module":
