@@ -270,6 +270,21 @@ def test_bad_parameters_are_refused_with_nothing_written(reg, run_pem, home, cas
     assert [m.ref for m in reg.list() if m.ref.startswith("team/bad")] == []
 
 
+def test_a_density_too_small_for_the_working_dtype_is_one_line_with_nothing_written(reg, run_pem, home):
+    # DARE divides the masked entries by the density, which is 0 in float32 at 1e-300: 0/0.
+    density = "1e-300"
+    before = sorted(p.name for p in (home / "blobs").rglob("*") if p.is_file())
+    result = run_pem(
+        "compose", "team/a + team/b", "--name", "team/bad", "--method", "dare_linear", "--density", density, "--seed", "1"
+    )
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "LinAlgError" not in result.output, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    assert "not finite" in result.output and "--density" in result.output, result.output
+    assert sorted(p.name for p in (home / "blobs").rglob("*") if p.is_file()) == before
+    assert [m.ref for m in reg.list() if m.ref.startswith("team/bad")] == []
+
+
 def test_parameters_are_checked_before_the_catalog_or_tensors(reg, monkeypatch):
     from registry.compose import engine
     from registry.errors import UnsupportedMethodError
