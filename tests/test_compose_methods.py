@@ -270,13 +270,20 @@ def test_bad_parameters_are_refused_with_nothing_written(reg, run_pem, home, cas
     assert [m.ref for m in reg.list() if m.ref.startswith("team/bad")] == []
 
 
-def test_a_density_too_small_for_the_working_dtype_is_one_line_with_nothing_written(reg, run_pem, home):
+NOT_FINITE_MERGES = {
     # DARE divides the masked entries by the density, which is 0 in float32 at 1e-300: 0/0.
-    density = "1e-300"
+    "density-zero-in-float32": ("team/a + team/b", ["--method", "dare_linear", "--density", "1e-300", "--seed", "1"]),
+    # A weight within float32 that the rescaling by 1/density (and the values) take beyond it:
+    # the merges' weights alone are checked before reading, so this is found on the values.
+    "weight-times-values": ("3e38*team/a + team/b", ["--method", "dare_ties", "--density", "0.5", "--seed", "1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_FINITE_MERGES))
+def test_a_merge_that_is_not_finite_is_one_line_with_nothing_written(reg, run_pem, home, case):
+    expression, options = NOT_FINITE_MERGES[case]
     before = sorted(p.name for p in (home / "blobs").rglob("*") if p.is_file())
-    result = run_pem(
-        "compose", "team/a + team/b", "--name", "team/bad", "--method", "dare_linear", "--density", density, "--seed", "1"
-    )
+    result = run_pem("compose", expression, "--name", "team/bad", *options)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "LinAlgError" not in result.output, result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
