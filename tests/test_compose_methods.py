@@ -332,6 +332,16 @@ def test_check_estimates_and_measures_deviation_from_the_weighted_sum(reg, out, 
     assert shown.exit_code == 0 and "estimate    about" in shown.stdout
 
 
+def test_deviation_of_large_effects_is_measured_not_nan(reg):
+    # TIES is homogeneous (trim by magnitude, sign election, disjoint mean, SVD all scale with
+    # the weights), so its relative deviation at weights 1e30 is the one at weights 1, which
+    # the test above checks against an independent computation. Squares of 1e30 overflow float32.
+    small = reg.check("team/a + team/b", method="ties", density=DENSITY, deviation=True).deviation
+    large = reg.check("1e30*team/a + 1e30*team/b", method="ties", density=DENSITY, deviation=True).deviation
+    assert large.overall == pytest.approx(small.overall, rel=1e-3)
+    assert large.per_layer == pytest.approx(small.per_layer, rel=1e-3)
+
+
 # --- provenance, contents, verify, export ----------------------------------------------------------
 
 

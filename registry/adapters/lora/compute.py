@@ -187,7 +187,8 @@ def deviation(plan: Any, layer: str, loaded: list, work: torch.dtype) -> tuple[f
     out, _ = compute_layer(plan, layer, loaded, work)
     approx = out[layer + B_SUFFIX].to(work) @ out[layer + A_SUFFIX].to(work)
     exact = exact_delta(layer, terms, work)
-    return torch.linalg.matrix_norm(approx - exact).item(), torch.linalg.matrix_norm(exact).item()
+    # Norms in float64: the squares of float32 values above about 1e19 overflow to inf (inf/inf: nan).
+    return torch.linalg.matrix_norm((approx - exact).double()).item(), torch.linalg.matrix_norm(exact.double()).item()
 
 
 def finish(stats: dict[str, float]) -> dict[str, Any]:
