@@ -270,6 +270,28 @@ def test_bad_parameters_are_refused_with_nothing_written(reg, run_pem, home, cas
     assert [m.ref for m in reg.list() if m.ref.startswith("team/bad")] == []
 
 
+NOT_FINITE_MERGES = {
+    # DARE divides the masked entries by the density, which is 0 in float32 at 1e-300: 0/0.
+    "density-zero-in-float32": ("team/a + team/b", ["--method", "dare_linear", "--density", "1e-300", "--seed", "1"]),
+    # A weight within float32 that the rescaling by 1/density (and the values) take beyond it:
+    # the merges' weights alone are checked before reading, so this is found on the values.
+    "weight-times-values": ("3e38*team/a + team/b", ["--method", "dare_ties", "--density", "0.5", "--seed", "1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_FINITE_MERGES))
+def test_a_merge_that_is_not_finite_is_one_line_with_nothing_written(reg, run_pem, home, case):
+    expression, options = NOT_FINITE_MERGES[case]
+    before = sorted(p.name for p in (home / "blobs").rglob("*") if p.is_file())
+    result = run_pem("compose", expression, "--name", "team/bad", *options)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "LinAlgError" not in result.output, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    assert "not finite" in result.output and "--density" in result.output, result.output
+    assert sorted(p.name for p in (home / "blobs").rglob("*") if p.is_file()) == before
+    assert [m.ref for m in reg.list() if m.ref.startswith("team/bad")] == []
+
+
 def test_parameters_are_checked_before_the_catalog_or_tensors(reg, monkeypatch):
     from registry.compose import engine
     from registry.errors import UnsupportedMethodError
@@ -308,6 +330,16 @@ def test_check_estimates_and_measures_deviation_from_the_weighted_sum(reg, out, 
     assert report.deviation.overall == pytest.approx((error / norm) ** 0.5, rel=1e-3)
     shown = run_pem("check", EXPRESSION, "--method", "ties", "--density", "0.5")
     assert shown.exit_code == 0 and "estimate    about" in shown.stdout
+
+
+def test_deviation_of_large_effects_is_measured_not_nan(reg):
+    # TIES is homogeneous (trim by magnitude, sign election, disjoint mean, SVD all scale with
+    # the weights), so its relative deviation at weights 1e30 is the one at weights 1, which
+    # the test above checks against an independent computation. Squares of 1e30 overflow float32.
+    small = reg.check("team/a + team/b", method="ties", density=DENSITY, deviation=True).deviation
+    large = reg.check("1e30*team/a + 1e30*team/b", method="ties", density=DENSITY, deviation=True).deviation
+    assert large.overall == pytest.approx(small.overall, rel=1e-3)
+    assert large.per_layer == pytest.approx(small.per_layer, rel=1e-3)
 
 
 # --- provenance, contents, verify, export ----------------------------------------------------------

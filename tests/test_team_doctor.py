@@ -210,3 +210,13 @@ def test_doctor_with_a_missing_store(run_pem, initialized, hub):
     assert checks["database"]["ok"]
     assert not checks["store"]["ok"] and checks["store"]["fix"] == "run `pem init`"
     assert not (initialized / "blobs").exists()
+
+
+def test_doctor_with_a_file_where_the_store_folder_should_be(run_pem, initialized, hub):
+    shutil.rmtree(initialized / "blobs")
+    (initialized / "blobs").write_bytes(b"not a folder")
+    checks = doctor_json(run_pem("doctor", "--json"), 1)
+    assert not checks["store"]["ok"]
+    assert checks["store"]["detail"] == f"{initialized / 'blobs'} exists but is not a folder"
+    assert "does not exist" not in checks["store"]["detail"] and "PEM_STORE" in checks["store"]["fix"]
+    assert (initialized / "blobs").read_bytes() == b"not a folder"

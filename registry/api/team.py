@@ -336,6 +336,9 @@ def make_url_safe(url: str) -> str:
 def check_store(store: BlobStore) -> HealthCheck:
     root = getattr(store, "root", None)
     if root is not None and not Path(root).is_dir():  # never create it just by looking
+        if Path(root).exists():
+            return HealthCheck(name="store", ok=False, detail=f"{root} exists but is not a folder",
+                               fix="move it away, or set PEM_STORE to a folder")
         return HealthCheck(name="store", ok=False, detail=f"{root} does not exist", fix="run `pem init`")
     try:
         next(iter(store.digests()), None)  # readable

@@ -12,6 +12,7 @@ import torch
 
 from registry.adapters.lora.merging import BASIS_INVARIANT, MERGES, MergeInput
 from registry.adapters.lora.plan import A_SUFFIX, B_SUFFIX
+from registry.errors import IncompatibleModulesError
 
 SVD_THREADS = 1  # torch.linalg.svd differs between thread counts: pin it and record it
 # Re-derivations of an svd module on another stack are accepted within this relative error of
@@ -73,12 +74,12 @@ def _truncated(plan: Any, layer: str, terms: list, work: torch.dtype):
     rank = plan.tensors[layer + A_SUFFIX][1][0]
     if plan.method.name == "svd" or parameters.get("space") == "core":
         core = CoreSpace(terms, work, layer, singular_bases=plan.method.name not in BASIS_INVARIANT)
-        merged = merge(_merge_input(plan, layer, terms, core.cores))
+        merged = _finite(merge(_merge_input(plan, layer, terms, core.cores)), plan, layer)
         u, s, vh = _pinned_svd(merged)
         b, a = core.expand(u[:, :rank] * s[:rank], vh[:rank, :])
     else:
         effects = [_effect(module, tensors, layer, work) for module, tensors in terms]
-        merged = merge(_merge_input(plan, layer, terms, effects))
+        merged = _finite(merge(_merge_input(plan, layer, terms, effects)), plan, layer)
         del effects
         u, s, vh = _pinned_svd(merged)
         del merged
@@ -89,6 +90,15 @@ def _truncated(plan: Any, layer: str, terms: list, work: torch.dtype):
     relative = (error_sq / norm_sq) ** 0.5 if norm_sq else 0.0
     stats = {"error_sq": error_sq, "norm_sq": norm_sq, f"layer:{layer}": relative}
     return {layer + A_SUFFIX: a, layer + B_SUFFIX: b}, stats
+
+
+def _finite(merged: torch.Tensor, plan: Any, layer: str) -> torch.Tensor:
+    """The merge, refused before its SVD when not finite: values the magnitude bounds do not
+    cover (the merges rescale), or DARE's 1/density beyond the working dtype."""
+    if not bool(torch.isfinite(merged).all()):
+        hint = "a larger --density or smaller coefficients" if "density" in plan.parameters else "smaller coefficients"
+        raise IncompatibleModulesError([f"the merge is not finite (NaN or Inf) at {layer}: use {hint}"])
+    return merged
 
 
 def _merge_input(plan: Any, layer: str, terms: list, tensors: list[torch.Tensor]) -> MergeInput:
@@ -177,7 +187,8 @@ def deviation(plan: Any, layer: str, loaded: list, work: torch.dtype) -> tuple[f
     out, _ = compute_layer(plan, layer, loaded, work)
     approx = out[layer + B_SUFFIX].to(work) @ out[layer + A_SUFFIX].to(work)
     exact = exact_delta(layer, terms, work)
-    return torch.linalg.matrix_norm(approx - exact).item(), torch.linalg.matrix_norm(exact).item()
+    # Norms in float64: the squares of float32 values above about 1e19 overflow to inf (inf/inf: nan).
+    return torch.linalg.matrix_norm((approx - exact).double()).item(), torch.linalg.matrix_norm(exact.double()).item()
 
 
 def finish(stats: dict[str, float]) -> dict[str, Any]:
