@@ -140,7 +140,7 @@ def test_download_is_the_exported_folder_and_refuses_a_damaged_blob(catalog: Reg
     data[-1] ^= 0xFF  # one flipped bit of a tensor
     blob.write_bytes(bytes(data))
     damaged = client.get("/download/team/alpha")
-    assert damaged.status_code == 503 and "damaged" in damaged.text and "text/html" in damaged.headers["content-type"]
+    assert damaged.status_code == 503 and "is corrupt: sha256 mismatch" in damaged.text and "text/html" in damaged.headers["content-type"]
 
 
 def sign_in(client: TestClient, token: str, **headers: str):
