@@ -81,6 +81,7 @@ class PemGroup(click.Group):
     --json, errors (usage errors too) print as a JSON object on stdout instead."""
 
     command_class = PemCommand
+    group_class = type  # subgroups (`pem token ...`) are PemGroups too, so they report errors alike
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -199,7 +200,7 @@ def init(home: str | None) -> None:
     registry.close()
 
 
-@pem.group(cls=PemGroup)
+@pem.group()
 def db() -> None:
     """Database schema: current revision and upgrades."""
 
@@ -573,7 +574,7 @@ def verify(registry: Any, ref: str | None, check_all: bool, as_json: bool) -> No
 # --- base models and porting -------------------------------------------------------------------
 
 
-@pem.group(cls=PemGroup)
+@pem.group()
 def base() -> None:
     """Base (host) models: their structure, for porting."""
 
@@ -754,7 +755,7 @@ def gc(registry: Any, dry_run: bool, grace: float, as_json: bool) -> None:
 # --- the read cache of a remote store -----------------------------------------------------------
 
 
-@pem.group("cache", cls=PemGroup)
+@pem.group("cache")
 def cache_group() -> None:
     """The local read cache of an s3:// blob store ($PEM_HOME/cache, bounded by PEM_CACHE_SIZE)."""
 
@@ -790,7 +791,7 @@ def cache_clear(registry: Any, as_json: bool) -> None:
 # --- aliases and metadata ----------------------------------------------------------------------
 
 
-@pem.group(cls=PemGroup)
+@pem.group()
 def alias() -> None:
     """Movable labels on versions (team/sentiment@prod), with a log of every move."""
 

@@ -12,7 +12,7 @@ itself with SIGSTOP instead, so that a test knows the exact moment (``waitpid`` 
 ``row-flushed``        the module row is flushed inside its transaction, not committed
 ``compose-layer``      a composition has written its first layer to the temporary blob
 ``pull-downloaded``    a pull has downloaded its files, nothing stored yet
-``idempotent-applied`` a server committed a write and its idempotency key, not its answer
+``idempotent-applied`` a server committed a write with its idempotency key and answer, not yet sent
 =====================  =================================================================
 """
 

@@ -25,7 +25,7 @@ from independent import make_numpy_lora
 from test_team_store import make_bucket, s3_server  # noqa: F401  (the session's moto server)
 
 from registry import Registry
-from registry.errors import AuthenticationError, NameConflictError, PermissionDeniedError, ServerUnavailableError
+from registry.errors import AuthenticationError, PermissionDeniedError, ServerUnavailableError
 from registry.remote import RemoteRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -471,19 +471,23 @@ def test_pull_and_push_through_the_server_use_the_clients_hub_access(served: Ser
 
 
 def test_a_write_whose_answer_was_lost_is_never_applied_twice(tmp_path: Path, adapters: list[Path]):
-    """The server dies after committing a keyed write, before storing its answer: the key was
-    committed with the write, so the retry on another replica is refused (409), not re-applied."""
+    """The server dies after committing a keyed write, before sending its answer: the key and
+    the answer were committed with the write, so the retry on another replica gets that answer
+    and applies nothing."""
     env = {"PEM_HOME": str(tmp_path / "server-home"), "HF_ENDPOINT": "http://127.0.0.1:9"}
     dying = Served(tmp_path, env, process_env={"PEM_FAULT": "idempotent-applied"})
     healthy = Served(tmp_path, env, replica_of=dying)
     try:
         remote = RemoteRegistry(f"{dying.url},{healthy.url}", token=dying.token, home=tmp_path / "client")
-        remote.add(adapters[0], "lost/a")
+        first = remote.add(adapters[0], "lost/a")
         remote.add(adapters[1], "lost/a")
-        with pytest.raises(NameConflictError, match="was applied, but its answer was lost"):
-            remote.set_alias("lost/a", "prod", 1)  # the first keyed write: the server dies after its commit
+        # The first keyed write: the server dies after its commit; the retry goes to the other
+        # replica, which answers from the receipt. Applied twice, the rm would fail (no such version).
+        admin = RemoteRegistry(f"{dying.url},{healthy.url}", token=dying.admin_token, home=tmp_path / "admin")
+        removal = admin.remove("lost/a@1")
+        assert (removal.ref, removal.digest, removal.dry_run, removal.blob_freed) == ("lost/a@1", first.digest, False, True)
         assert dying.process.wait(timeout=60) == -9
-        assert [(m.from_version, m.to_version) for m in remote.alias_log("lost/a")] == [(None, 1)]  # applied once
+        assert [m.ref for m in remote.list() if m.name == "lost/a"] == ["lost/a@2"]
         remote.tag("lost/a@2", {"stage": "x"})  # the other replica carries on
         assert [(c.field, c.new) for c in remote.history("lost/a@2")] == [("tag:stage", "x")]
     finally:

@@ -11,7 +11,6 @@ import secrets
 import shutil
 import time
 from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
@@ -25,6 +24,8 @@ from registry.api.common import (
     INFO_COLUMNS,
     VERSION_RETRIES,
     WEIGHTS_FILE,
+    WRITE_RECEIPT,
+    answered,
     aliases_of,
     canonical_json_digest,
     check_lengths,
@@ -91,12 +92,6 @@ if TYPE_CHECKING:
 # Needed by some commands only: loaded on first use (start-up of `pem list`, `pem show`).
 lineage_queries = lazy_module("registry.lineage")
 migrate = lazy_module("registry.db.migrate")
-
-
-# A registry server records a write's idempotency key in the write's own transaction: the
-# key is stored if and only if the write committed, whatever crashes in between.
-COMMIT_WITH_NEXT_WRITE: ContextVar[list[Callable[[Session], None]] | None] = ContextVar(
-    "pem_commit_with_next_write", default=None)
 
 
 class Catalog:
@@ -182,16 +177,17 @@ class Catalog:
     @contextmanager
     def _write_session(self) -> Iterator[Session]:
         """A session in one write transaction, committed on success (BEGIN IMMEDIATE on SQLite).
-        Rows a caller asked to commit with the next write (:data:`COMMIT_WITH_NEXT_WRITE`) are
-        added last, in the same transaction."""
-        pending = COMMIT_WITH_NEXT_WRITE.get()
+        The rows of a pending :class:`WriteReceipt` are added last, in the same transaction."""
+        receipt = WRITE_RECEIPT.get()
+        if receipt is not None and receipt.committed:
+            receipt = None  # a later write of the same call (rm deleting its blob) does not repeat it
         with self._session() as session, session.begin():
             session.connection(execution_options=WRITE)
             yield session
-            for add_rows in pending or ():
-                add_rows(session)
-        if pending:
-            pending.clear()  # committed: a later write of the same call does not repeat them
+            if receipt is not None:
+                receipt.add_rows(session, receipt.answer)
+        if receipt is not None:
+            receipt.committed = True
 
     # --- registering --------------------------------------------------------------------------
 
@@ -673,6 +669,7 @@ class Catalog:
             )
             if dry_run:
                 return removal, digest, False
+            answered(removal)
             session.delete(module)
             session.flush()
             if orphan:

@@ -10,7 +10,8 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.orm import Session
@@ -39,6 +40,31 @@ from registry.schemas import (
     Provenance,
     ProvenanceInput,
 )
+
+
+class WriteReceipt:
+    """Rows a caller commits in the next write's own transaction, given that write's answer.
+
+    A registry server stores a request's ``Idempotency-Key`` this way: the key and the answer
+    are stored if and only if the write committed, whatever crashes in between, so a retry
+    gets the answer and never applies the write twice. A write names its answer with
+    :func:`answered` before its transaction ends."""
+
+    def __init__(self, add_rows: Callable[[Session, Any], None]):
+        self.add_rows = add_rows
+        self.answer: Any = None
+        self.committed = False
+
+
+WRITE_RECEIPT: ContextVar[WriteReceipt | None] = ContextVar("pem_write_receipt", default=None)
+
+
+def answered(value: Any) -> Any:
+    """``value``, the answer of the write in progress, handed to a pending :class:`WriteReceipt`."""
+    receipt = WRITE_RECEIPT.get()
+    if receipt is not None:
+        receipt.answer = value
+    return value
 
 if TYPE_CHECKING:
     from registry.safetensors_io import SafetensorsHeader

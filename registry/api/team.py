@@ -15,6 +15,7 @@ from registry.api.common import (
     GC_GRACE_SECONDS,
     VERSION_RETRIES,
     aliases_of,
+    answered,
     check_lengths,
     module_info,
     parse_tags,
@@ -76,7 +77,7 @@ class Team:
                     ).first()
                     previous = session.get(Module, row.module_id).version if row is not None else None
                     if previous == target.version:  # already there: nothing moved, nothing to log
-                        return AliasInfo(alias=f"{module_name}@{label}", ref=target.ref, version=target.version)
+                        return answered(AliasInfo(alias=f"{module_name}@{label}", ref=target.ref, version=target.version))
                     if row is None:
                         row = AliasRow(namespace=module_name.namespace, name=module_name.name, alias=label,
                                        module_id=target.id)
@@ -84,7 +85,7 @@ class Team:
                     row.module_id, row.updated_at = target.id, utcnow()
                     session.add(AliasEvent(namespace=module_name.namespace, name=module_name.name, alias=label,
                                            from_version=previous, to_version=target.version, by=self.settings.user))
-                    return AliasInfo(alias=f"{module_name}@{label}", ref=target.ref, version=target.version)
+                    return answered(AliasInfo(alias=f"{module_name}@{label}", ref=target.ref, version=target.version))
             except IntegrityError:  # two writers created the same alias at once: retry as a move
                 if attempt == VERSION_RETRIES - 1:
                     raise DatabaseError(f"could not set {module_name}@{label}: too many concurrent changes; try again") from None
@@ -104,7 +105,7 @@ class Team:
             session.delete(row)
             session.add(AliasEvent(namespace=module_name.namespace, name=module_name.name, alias=label,
                                    from_version=version, to_version=None, by=self.settings.user))
-            return AliasInfo(alias=f"{module_name}@{label}", ref=f"{module_name}@{version}", version=version)
+            return answered(AliasInfo(alias=f"{module_name}@{label}", ref=f"{module_name}@{version}", version=version))
 
     def list_aliases(self, name: str | None = None) -> list[AliasInfo]:
         """The aliases of ``name`` (``NS/NAME``), or of every name, by name then label."""
@@ -157,7 +158,7 @@ class Team:
                     module.tags.append(Tag(key=key, value=value))
                 session.add(MetadataEvent(module_id=module.id, field=f"tag:{key}", old=old, new=value, by=self.settings.user))
             session.flush()
-            return module_info(module, aliases=aliases_of(session, [module.id]).get(module.id, []))
+            return answered(module_info(module, aliases=aliases_of(session, [module.id]).get(module.id, [])))
 
     def describe(self, ref: str, description: str | None) -> ModuleInfo:
         """Replace a version's description (None clears it); recorded with time and author."""
@@ -169,7 +170,7 @@ class Team:
                                           new=description, by=self.settings.user))
                 module.description = description
             session.flush()
-            return module_info(module, aliases=aliases_of(session, [module.id]).get(module.id, []))
+            return answered(module_info(module, aliases=aliases_of(session, [module.id]).get(module.id, [])))
 
     def history(self, ref: str) -> list[MetadataChange]:
         """The metadata edits of one version, oldest first."""

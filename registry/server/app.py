@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry import __version__, faults
-from registry.api.catalog import COMMIT_WITH_NEXT_WRITE
+from registry.api.common import WRITE_RECEIPT, WriteReceipt
 from registry.config import (
     DEFAULT_SERVER_MAX_BODY,
     DEFAULT_SERVER_MAX_UPLOAD,
@@ -213,14 +213,15 @@ class VerifyRequest(Body):
 
 def answer(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
     """A pydantic result (or a list of them) as JSON, exactly as ``--json`` prints it."""
+    return JSONResponse(answer_content(value), status_code=status, headers=headers)
+
+
+def answer_content(value: Any) -> Any:
     if isinstance(value, list):
-        content: Any = [item.model_dump(mode="json", by_alias=True) if isinstance(item, BaseModel) else item
-                        for item in value]
-    elif isinstance(value, BaseModel):
-        content = value.model_dump(mode="json", by_alias=True)
-    else:
-        content = value
-    return JSONResponse(content, status_code=status, headers=headers)
+        return [item.model_dump(mode="json", by_alias=True) if isinstance(item, BaseModel) else item for item in value]
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    return value
 
 
 def created_answer(info: Any) -> JSONResponse:
@@ -521,11 +522,10 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
         return answer(acting(who).verify(body.ref))
 
     def idempotent(request: Request, who: Identity, body: Body, apply: Callable[[], Any]) -> JSONResponse:
-        """Run a write once per ``Idempotency-Key`` (per user). The key is committed in the
-        write's own transaction, so it is stored exactly when the write happened; the answer
-        is stored next. A retry with the same key and request gets the stored answer (or, if
-        the server died between the two, a 409 saying the write was applied); the same key
-        with another request is refused."""
+        """Run a write once per ``Idempotency-Key`` (per user). The key and the write's answer
+        are committed in the write's own transaction (a :class:`WriteReceipt`), so they are
+        stored exactly when the write happened: a retry with the same key and request gets the
+        stored answer, whatever crashed in between; the same key with another request is refused."""
         key = request.headers.get("idempotency-key")
         if key is None:
             return answer(apply())
@@ -535,27 +535,30 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
         stored = _stored_answer(registry, who.user, key)
         if stored is None:
             record = IdempotencyKey(user=who.user, key=key, request_sha256=fingerprint, status=0, response={})
-            pending = COMMIT_WITH_NEXT_WRITE.set([lambda session: session.add(record)])
+
+            def add_rows(session: Any, value: Any) -> None:
+                if value is not None:
+                    record.status, record.response = 200, answer_content(value)
+                session.add(record)
+
+            receipt = WriteReceipt(add_rows)
+            pending = WRITE_RECEIPT.set(receipt)
             try:
-                content = apply().model_dump(mode="json")
+                content = answer_content(apply())
             except (IntegrityError, DatabaseError):  # a concurrent retry with the same key committed first
                 stored = _stored_answer(registry, who.user, key)
                 if stored is None:
                     raise
             finally:
-                COMMIT_WITH_NEXT_WRITE.reset(pending)
+                WRITE_RECEIPT.reset(pending)
             if stored is None:
                 faults.point("idempotent-applied")
-                if record.id is not None:  # None: the request wrote nothing (a dry run), nothing to replay
-                    with registry._write_session() as session:
-                        row = session.get(IdempotencyKey, record.id)
-                        row.status, row.response = 200, content
                 return JSONResponse(content)
         if stored.request_sha256 != fingerprint:
             raise InvalidRequestError(f"Idempotency-Key {key!r} was already used for another request: use a new key")
-        if stored.status == 0:
-            raise NameConflictError(f"the request with Idempotency-Key {key!r} was applied, but its answer was lost "
-                                    "(the server stopped): check the result instead of retrying")
+        if stored.status == 0:  # a write that does not name its answer (a bug): say it was applied
+            raise NameConflictError(f"the request with Idempotency-Key {key!r} was applied, but its answer was not "
+                                    "stored: check the result instead of retrying")
         return JSONResponse(stored.response, status_code=stored.status, headers={"X-Pem-Replayed": "true"})
 
     from registry.server.web.pages import install as install_web
