@@ -121,6 +121,20 @@ def test_path_tricks_in_names_are_refused(server, name: str):
     assert_nothing_written(server)
 
 
+def test_a_damaged_blob_is_refused_by_the_server_not_sent(server):
+    """The server checks a blob against its digest before sending it: a flipped byte is a 503
+    naming the blob and its digest, and no bytes of it are served."""
+    digest = server.registry.add(server.folder, "team/a").digest
+    blob = Path(server.registry.store.local_path(digest))
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == digest  # independent of the registry's hashing
+    assert server.client.get(f"/api/v1/blobs/{digest}").content == blob.read_bytes()
+    damaged = bytearray(blob.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    blob.write_bytes(bytes(damaged))
+    error = assert_error(server.client.get(f"/api/v1/blobs/{digest}"), 503, "CorruptBlobError", digest, "corrupt")
+    assert "sha256 mismatch" in error["message"]
+
+
 def test_path_tricks_in_blob_routes_find_nothing(server):
     for path in ("/api/v1/blobs/..%2F..%2Fregistry.db", "/api/v1/blobs/../../etc/passwd", f"/api/v1/blobs/{'a' * 63}"):
         response = server.client.get(path)

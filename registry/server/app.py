@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry import __version__, faults
 from registry.api.common import WRITE_RECEIPT, WriteReceipt
+from registry.store.checked import check_blob
 from registry.config import (
     DEFAULT_SERVER_MAX_BODY,
     DEFAULT_SERVER_MAX_UPLOAD,
@@ -397,6 +398,9 @@ def create_app(registry: Any = None, options: ServerOptions | None = None) -> Fa
     def blob(digest: str) -> Any:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not registry.store.exists(digest):
             raise NotFoundError(f"no blob sha256:{digest[:64]}")
+        # Checked before it is sent (the client checks again): a damaged copy is a clear 503
+        # naming the blob, not a download that fails its check on the client.
+        check_blob(registry.store, f"sha256:{digest[:12]}", digest, None)
         return FileResponse(registry.store.local_path(digest), media_type="application/octet-stream",
                             headers={"X-Pem-Digest": digest})
 
