@@ -22,6 +22,7 @@ HOME_HELP = "Registry home folder (default: $PEM_HOME, else ~/.pem)."
 
 
 JSON_ERRORS = "pem.json_errors"  # ctx.meta key: the command was given --json
+JSON_ASKED = "pem.json_asked"  # ctx.meta key: --json is somewhere in the command line
 
 
 class PemCommand(click.Command):
@@ -83,15 +84,35 @@ class PemGroup(click.Group):
     command_class = PemCommand
     group_class = type  # subgroups (`pem token ...`) are PemGroups too, so they report errors alike
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # A mistyped command (`pem shwo x --json`) is refused by the group, before any command
+        # parses its --json: the flag anywhere before `--` asks for a JSON error then.
+        if "--json" in (args[: args.index("--")] if "--" in args else args):
+            ctx.meta[JSON_ASKED] = True
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:  # a bad option of the group itself (`pem --json list`)
+            self._usage_error(ctx, exc)
+            raise AssertionError("unreachable")
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except PemError as exc:
             _fail(ctx, type(exc).__name__, str(exc), exc.exit_code)
         except click.UsageError as exc:
-            if not ctx.meta.get(JSON_ERRORS):
-                raise  # click prints the usage and the error
+            self._usage_error(ctx, exc)
+
+    @staticmethod
+    def _usage_error(ctx: click.Context, exc: click.UsageError) -> None:
+        """As JSON when the command was given --json, or when a group refused the command line
+        and --json was in it; else click prints the usage and the error (a command without
+        --json, given it, stays a plain usage error)."""
+        by_group = exc.ctx is None or isinstance(exc.ctx.command, click.Group)
+        if ctx.meta.get(JSON_ERRORS) or (by_group and ctx.meta.get(JSON_ASKED)):
+            ctx.meta[JSON_ERRORS] = True
             _fail(ctx, "UsageError", exc.format_message(), exc.exit_code)
+        raise exc
 
 
 def _fail(ctx: click.Context, type_name: str, message: str, exit_code: int) -> None:

@@ -248,6 +248,17 @@ def test_a_usage_error_with_json_is_a_json_object(command, pem_env):
     assert error["type"] == "UsageError" and "--no-such-option" in error["message"]
 
 
+@SQLITE_ONLY
+@pytest.mark.parametrize("args, needle", [
+    (["shwo", "team/x", "--json"], "No such command 'shwo'"),
+    (["token", "nope", "--json"], "No such command 'nope'"),
+    (["--json", "list"], "No such option '--json'"),
+])
+def test_a_mistyped_command_with_json_is_a_json_object(args, needle, pem_env):
+    error = json_error(invoke(*args), exit_code=2)
+    assert error["type"] == "UsageError" and needle in error["message"]
+
+
 def test_registry_errors_with_json_are_json_objects_with_the_exit_code(toxic, registry, home, run_pem, tmp_path):
     cases = [
         (["show", "team/nope", "--json"], "UnknownModuleError", "no module named team/nope"),
