@@ -66,6 +66,10 @@ def templates() -> Environment:
     env.filters["size"] = human_size
     env.filters["page_url"] = lambda ref: "/modules/" + quote(ref, safe="/@:")
     env.filters["download_url"] = lambda ref: "/download/" + quote(ref, safe="/@:")
+    # Filters, not method calls, in the catalog's rows: Jinja checks every call it makes from
+    # a template, which cost a tenth of a 100-row page.
+    env.filters["iso"] = lambda moment: moment.isoformat()
+    env.filters["minute"] = lambda moment: moment.strftime("%Y-%m-%d %H:%M")
     env.globals["coefficient_label"] = coefficient_label
     return env
 
