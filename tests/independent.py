@@ -2,7 +2,8 @@
 
 Expectations in tests never come from the code under test: these read PEFT adapter folders
 with safetensors and the SEMANTICS.md formulas written out plainly, and write small valid
-adapters with numpy (no PEFT or transformers needed).
+adapters with numpy (no PEFT or transformers needed). The compose tests also share their
+``reg`` and ``out`` fixtures from here (import them by name; each file supplies ``adapters``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from helpers import tensors
 from safetensors.numpy import save_file
@@ -77,3 +79,24 @@ def effects(folder: Path) -> dict[str, torch.Tensor]:
 
 def ia3_vectors(folder: Path) -> dict[str, torch.Tensor]:
     return {module_of(n): t.double() for n, t in tensors(folder).items()}
+
+
+# --- fixtures of the compose tests (each test file defines its own ``adapters``) -------------------
+
+
+@pytest.fixture
+def reg(registry, adapters):
+    """The test's registry with every fixture adapter registered as team/<key>."""
+    registry.infos = {key: registry.add(path, f"team/{key}") for key, path in adapters.items()}
+    return registry
+
+
+@pytest.fixture
+def out(reg, tmp_path):
+    """out(ref) exports a module to a new folder and returns it."""
+    counter = iter(range(1000))
+
+    def export(ref: str) -> Path:
+        return reg.export(ref, tmp_path / f"out{next(counter)}")
+
+    return export

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import make_ia3, make_lora, tiny_llama
-from independent import CONFIG, effects, ia3_vectors, lora_layers
+from independent import CONFIG, effects, ia3_vectors, lora_layers, out, reg  # noqa: F401  (fixtures)
 from safetensors import safe_open
 
 WEIGHTS = "adapter_model.safetensors"
@@ -57,24 +57,6 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tgt": make_ia3(root / "tgt", seed=8),
         "src": make_ia3(root / "src", seed=9),
     }
-
-
-@pytest.fixture
-def reg(registry, adapters):
-    """The test's registry with every fixture adapter registered as team/<key>."""
-    registry.infos = {key: registry.add(path, f"team/{key}") for key, path in adapters.items()}
-    return registry
-
-
-@pytest.fixture
-def out(reg, tmp_path):
-    """out(ref) exports a module to a new folder and returns it."""
-    counter = iter(range(1000))
-
-    def export(ref: str) -> Path:
-        return reg.export(ref, tmp_path / f"out{next(counter)}")
-
-    return export
 
 
 def blob_files(registry) -> list[tuple[str, int]]:

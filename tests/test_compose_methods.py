@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import make_ia3, make_lora, tiny_llama
-from independent import lora_layers
+from independent import effects, lora_layers, out, reg  # noqa: F401  (fixtures)
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -42,23 +42,6 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "p": make_ia3(root / "p", seed=24),
         "q": make_ia3(root / "q", seed=25),
     }
-
-
-@pytest.fixture
-def reg(registry, adapters):
-    registry.infos = {key: registry.add(path, f"team/{key}") for key, path in adapters.items()}
-    return registry
-
-
-@pytest.fixture
-def out(reg, tmp_path):
-    counter = iter(range(1000))
-    return lambda ref: reg.export(ref, tmp_path / f"out{next(counter)}")
-
-
-def effects_of(folder: Path) -> dict[str, torch.Tensor]:
-    """Per module: scaling * B @ A, in float64."""
-    return {m: s * (b @ a) for m, (a, b, s) in lora_layers(folder).items()}
 
 
 def canonical_positions(reg) -> dict[str, int]:
@@ -110,7 +93,7 @@ def peft_merge(
 
 
 def assert_same_effects(folder: Path, expected: dict[str, torch.Tensor], rtol=RTOL, atol=ATOL) -> None:
-    ours = effects_of(folder)
+    ours = effects(folder)
     assert sorted(ours) == sorted(expected)
     for module, delta in expected.items():
         torch.testing.assert_close(ours[module], delta, rtol=rtol, atol=atol, msg=lambda m: f"{module}: {m}")
@@ -141,7 +124,7 @@ def test_full_space_dare_equals_peft_given_the_same_masks(reg, out, adapters, mo
     positions = canonical_positions(reg)
     candidates = {
         (PREFIX + module, positions[key]): delta.float()
-        for key in "abc" for module, delta in effects_of(adapters[key]).items()
+        for key in "abc" for module, delta in effects(adapters[key]).items()
     }
     masks = FixedMasks(candidates, SEED)
     expected = peft_merge(adapters, f"{method}_svd", monkeypatch, masks, density=DENSITY)
@@ -164,7 +147,7 @@ def test_dare_is_random_only_through_its_seed(reg, out):
 
 
 def test_svd_with_the_sum_of_ranks_equals_exact(reg, out):
-    exact = effects_of(out(reg.compose(EXPRESSION, "team/exact", method="exact").ref))
+    exact = effects(out(reg.compose(EXPRESSION, "team/exact", method="exact").ref))
     svd = reg.compose(EXPRESSION, "team/svd14", method="svd", rank=14)  # 4 + 8 + 2
     assert_same_effects(out(svd.ref), exact)
     for method in ("ties", "magnitude_prune"):  # density 1 prunes nothing: a linear merge in core space
@@ -178,7 +161,7 @@ def test_svd_with_the_sum_of_ranks_equals_exact(reg, out):
 def test_stacked_ranks_beyond_the_layer_size_still_give_exact(reg, out):
     """4 + 8 + 12 = 24 stacked ranks on 16 x 16 layers: the bases have 16 columns, not 24."""
     expression = "0.5*team/a - 0.7*team/b + team/d"
-    exact = effects_of(out(reg.compose(expression, "team/exact24", method="exact").ref))
+    exact = effects(out(reg.compose(expression, "team/exact24", method="exact").ref))
     for method, options in (("svd", {}), ("magnitude_prune", {"density": 1.0, "space": "core"})):
         info = reg.compose(expression, f"team/{method}24", method=method, rank=24, **options)
         assert reg.get(info.ref).provenance.results["effective_rank"] == 16
@@ -319,8 +302,8 @@ def test_check_estimates_and_measures_deviation_from_the_weighted_sum(reg, out, 
     core = reg.check(EXPRESSION, method="ties", density=DENSITY, space="core")
     assert core.output.estimated_seconds <= report.output.estimated_seconds
     # expected: the composed output's B@A against the plain weighted sum, per layer and pooled
-    merged = effects_of(out(reg.compose(EXPRESSION, "team/t", method="ties", density=DENSITY).ref))
-    plain = {m: sum(WEIGHTS[k] * effects_of(adapters[k])[m] for k in "abc") for m in merged}
+    merged = effects(out(reg.compose(EXPRESSION, "team/t", method="ties", density=DENSITY).ref))
+    plain = {m: sum(WEIGHTS[k] * effects(adapters[k])[m] for k in "abc") for m in merged}
     for module in merged:
         difference = torch.linalg.matrix_norm(merged[module] - plain[module])
         expected = float(difference / torch.linalg.matrix_norm(plain[module]))
@@ -372,7 +355,7 @@ def test_every_method_records_its_parameters_verifies_and_loads_in_peft(reg, out
         assert sorted(t.ref for t in contents.terms) == ["team/a@1", "team/b@1", "team/c@1"]
         folder = out(info.ref)
         model = PeftModel.from_pretrained(tiny_llama(), str(folder))
-        expected = effects_of(folder)
+        expected = effects(folder)
         for name, module in model.base_model.model.named_modules():
             if name in expected:
                 torch.testing.assert_close(module.get_delta_weight("default").double(), expected[name],
@@ -444,7 +427,7 @@ def test_svd_version_one_is_checked_against_the_dense_svd(reg, out, adapters):
     info = reg.compose(EXPRESSION, "team/svd-v2", method="svd", rank=5)
     expected = {}
     for module in lora_layers(adapters["a"]):
-        delta = sum(WEIGHTS[k] * effects_of(adapters[k])[module] for k in "abc").float()
+        delta = sum(WEIGHTS[k] * effects(adapters[k])[module] for k in "abc").float()
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         expected[module] = (u[:, :5] * s[:5] @ vh[:5]).double()
     assert_same_effects(out(info.ref), expected)

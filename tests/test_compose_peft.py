@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import make_ia3, make_lora, tensors, tiny_llama
-from independent import effects, lora_layers, module_of
+from independent import effects, lora_layers, module_of, out, reg  # noqa: F401  (fixtures)
 
 peft = pytest.importorskip("peft")
 
@@ -82,22 +82,6 @@ def peft_merged(adapters) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
                     for combination in ("cat", "svd")
                 }
     return merged
-
-
-@pytest.fixture
-def reg(registry, adapters):
-    registry.infos = {key: registry.add(path, f"team/{key}") for key, path in adapters.items()}
-    return registry
-
-
-@pytest.fixture
-def out(reg, tmp_path):
-    counter = iter(range(1000))
-
-    def export(ref: str) -> Path:
-        return reg.export(ref, tmp_path / f"out{next(counter)}")
-
-    return export
 
 
 # --- add_weighted_adapter -----------------------------------------------------------------------
