@@ -15,6 +15,25 @@ from safetensors.torch import load_file
 LLAMA_ID = "tiny-org/tiny-llama"
 BERT_ID = "tiny-org/tiny-bert"
 
+# The hosts of the porting tests (SEMANTICS.md section 5), shared by test_port_hosts.py and
+# test_port_modules.py. X is tiny_llama's own config, written out by hand; Y has another
+# vocabulary (compatible); Z another hidden size and fewer key/value heads, W one layer
+# (both incompatible).
+X_ID = LLAMA_ID
+Y_ID = "tiny-org/tiny-llama-v2"
+Z_ID = "tiny-org/tiny-llama-wide"
+W_ID = "tiny-org/tiny-llama-shallow"
+X_DIMS = dict(
+    vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+)
+HOSTS = {
+    X_ID: X_DIMS,
+    Y_ID: {**X_DIMS, "vocab_size": 80},
+    Z_ID: {**X_DIMS, "hidden_size": 32, "num_key_value_heads": 1},
+    W_ID: {**X_DIMS, "num_hidden_layers": 1},
+}
+
 
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM

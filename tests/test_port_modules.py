@@ -17,25 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import LLAMA_ID, make_ia3, make_lora, tensors
+from helpers import HOSTS, W_ID, X_DIMS, X_ID, Y_ID, Z_ID, make_ia3, make_lora, tensors
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-X_ID = LLAMA_ID
-Y_ID = "tiny-org/tiny-llama-v2"
-Z_ID = "tiny-org/tiny-llama-wide"
-W_ID = "tiny-org/tiny-llama-shallow"
-X_DIMS = dict(
-    vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-)
-HOSTS = {
-    X_ID: X_DIMS,
-    Y_ID: {**X_DIMS, "vocab_size": 80},
-    Z_ID: {**X_DIMS, "hidden_size": 32, "num_key_value_heads": 1},
-    W_ID: {**X_DIMS, "num_hidden_layers": 1},
-}
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
