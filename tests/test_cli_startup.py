@@ -6,51 +6,23 @@ per imported module; none of them may belong to the heavy packages.
 
 from __future__ import annotations
 
-import json
-import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from no_torch import HEAVY, imported_modules, run_pem_importtime, write_handmade_lora
 
-ROOT = Path(__file__).resolve().parents[1]
-HEAVY = {"torch", "transformers", "peft"}
 SERVER = {"fastapi", "uvicorn", "starlette"}  # only `pem serve` needs the server stack
 
 
-def imported_modules(stderr: str) -> list[str]:
-    lines = [line for line in stderr.splitlines() if line.startswith("import time:")]
-    # "import time: self [us] | cumulative | imported package", then one line per module
-    return [line.rsplit("|", 1)[1].strip() for line in lines[1:]]
-
-
 def run_pem(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEM_")}
-    env["PEM_HOME"] = str(home)
-    env["PEM_USER"] = "tester"
-    return subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "cli.main", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
+    return run_pem_importtime(home, *args, timeout=120)
 
 
 def write_tiny_lora(folder: Path) -> None:
     """A valid LoRA adapter folder written by hand (json + struct): no torch in this test either."""
-    folder.mkdir()
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
-              "base_model_name_or_path": "tiny-org/tiny-llama", "task_type": "CAUSAL_LM"}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    a = struct.pack("<8f", *range(8))  # lora_A 2 x 4
-    b = struct.pack("<8f", *range(8, 16))  # lora_B 4 x 2
-    header = {
-        f"{prefix}.lora_A.weight": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]},
-        f"{prefix}.lora_B.weight": {"dtype": "F32", "shape": [4, 2], "data_offsets": [32, 64]},
-    }
-    raw = json.dumps(header).encode()
-    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + a + b)
+    write_handmade_lora(folder, "F32", struct.pack("<8f", *range(8)), struct.pack("<8f", *range(8, 16)))
 
 
 @pytest.fixture(scope="module")
