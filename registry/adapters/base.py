@@ -118,6 +118,30 @@ def common_dtype(header: SafetensorsHeader) -> str:
     return dtypes[0] if len(dtypes) == 1 else "mixed"  # per-tensor dtypes are in the blob's header
 
 
+def composable_metadata(
+    peft_type: str, config: dict[str, Any], header: SafetensorsHeader, *, rank: int | None, lora_alpha: float | None,
+    use_rslora: bool, use_dora: bool, layers: dict[str, dict[str, Any]], unsupported: list[str],
+) -> AdapterMetadata:
+    """The metadata of a composable type: the type's own readings (rank, flags, layers,
+    unsupported features) and the fields every type reads alike from config and header."""
+    return AdapterMetadata(
+        peft_type=peft_type,
+        composable=True,
+        base_model=config.get("base_model_name_or_path"),
+        base_revision=config.get("revision"),
+        task_type=config.get("task_type"),
+        rank=rank,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        target_modules=target_modules_list(config),
+        layers=layers,
+        dtype=common_dtype(header),
+        num_parameters=sum(t.numel for t in header.tensors.values()),
+        unsupported=unsupported,
+    )
+
+
 def require_float(header: SafetensorsHeader) -> None:
     for info in header.tensors.values():
         if info.dtype not in FLOAT_DTYPES:

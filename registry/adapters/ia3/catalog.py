@@ -10,7 +10,7 @@ from registry.adapters.base import (
     AdapterMetadata,
     AdapterType,
     TypePlan,
-    common_dtype,
+    composable_metadata,
     config_error,
     config_flag,
     config_string_list,
@@ -18,7 +18,6 @@ from registry.adapters.base import (
     module_key,
     require_float,
     split_tensor_names,
-    target_modules_list,
 )
 from registry.adapters.ia3.plan import plan_output, range_problems
 from registry.errors import InvalidAdapterError
@@ -70,19 +69,5 @@ class IA3Type(AdapterType):
         unsupported = ["modules_to_save"] if config_string_list(config, "modules_to_save") else []
         if extras:
             unsupported.append(extras_note(extras))
-        return AdapterMetadata(
-            peft_type=self.peft_type,
-            composable=True,
-            base_model=config.get("base_model_name_or_path"),
-            base_revision=config.get("revision"),
-            task_type=config.get("task_type"),
-            rank=None,
-            lora_alpha=None,
-            use_rslora=False,
-            use_dora=False,
-            target_modules=target_modules_list(config),
-            layers=layers,
-            dtype=common_dtype(header),
-            num_parameters=sum(t.numel for t in header.tensors.values()),
-            unsupported=unsupported,
-        )
+        return composable_metadata(self.peft_type, config, header, rank=None, lora_alpha=None, use_rslora=False,
+                                   use_dora=False, layers=layers, unsupported=unsupported)

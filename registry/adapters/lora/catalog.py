@@ -14,7 +14,7 @@ from registry.adapters.base import (
     AdapterMetadata,
     AdapterType,
     TypePlan,
-    common_dtype,
+    composable_metadata,
     config_error,
     config_flag,
     config_mapping,
@@ -25,7 +25,6 @@ from registry.adapters.base import (
     positive_int,
     require_float,
     split_tensor_names,
-    target_modules_list,
 )
 from registry.adapters.lora.plan import estimate, plan_output, range_problems
 from registry.errors import InvalidAdapterError
@@ -110,22 +109,9 @@ class LoraType(AdapterType):
                 unsupported.append("embedding LoRA layers")
         if extras:
             unsupported.append(extras_note(extras))
-        return AdapterMetadata(
-            peft_type=self.peft_type,
-            composable=True,
-            base_model=config.get("base_model_name_or_path"),
-            base_revision=config.get("revision"),
-            task_type=config.get("task_type"),
-            rank=r,
-            lora_alpha=float(alpha),
-            use_rslora=use_rslora,
-            use_dora=config_flag(config, "use_dora"),
-            target_modules=target_modules_list(config),
-            layers=layers,
-            dtype=common_dtype(header),
-            num_parameters=sum(t.numel for t in header.tensors.values()),
-            unsupported=sorted(set(unsupported)),
-        )
+        return composable_metadata(self.peft_type, config, header, rank=r, lora_alpha=float(alpha),
+                                   use_rslora=use_rslora, use_dora=config_flag(config, "use_dora"), layers=layers,
+                                   unsupported=sorted(set(unsupported)))
 
     @staticmethod
     def _describe_layer(
