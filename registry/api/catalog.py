@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
-from sqlalchemy import Engine, func, or_, select, text, update
+from sqlalchemy import Connection, Engine, func, or_, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -171,6 +171,18 @@ class Catalog:
         try:
             with self._sessions() as session:
                 yield session
+        except (OperationalError, DataError) as exc:
+            raise DatabaseError(f"database error: {str(exc.orig).strip().splitlines()[0]}") from None
+
+    @contextmanager
+    def _read_connection(self) -> Iterator[Connection]:
+        """A connection for one read statement, outside any transaction: on PostgreSQL in
+        autocommit, so the read is one round trip (no BEGIN, no ROLLBACK). A registry server
+        looks up the token or the session of every request with it."""
+        options = {"isolation_level": "AUTOCOMMIT"} if self.engine.dialect.name == "postgresql" else {}
+        try:
+            with self.engine.connect().execution_options(**options) as connection:
+                yield connection
         except (OperationalError, DataError) as exc:
             raise DatabaseError(f"database error: {str(exc.orig).strip().splitlines()[0]}") from None
 

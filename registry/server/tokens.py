@@ -97,8 +97,8 @@ def authenticate(registry, token: str) -> Identity:
     expired. The lookup is by the token's sha256 (an index lookup reveals nothing about the
     token itself), and the stored hash is compared in constant time."""
     presented = token_sha256(token)
-    with registry._session() as session:
-        row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == presented)).first()
+    with registry._read_connection() as connection:  # on every request: one round trip
+        row = connection.execute(select(ApiToken).where(ApiToken.token_sha256 == presented)).first()
         if row is None or not hmac.compare_digest(row.token_sha256, presented):
             raise AuthenticationError("unknown token: ask the registry's admin for one (`pem token create`)")
         if row.revoked_at is not None:

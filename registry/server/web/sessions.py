@@ -44,18 +44,18 @@ def session_identity(registry, session_id: str | None) -> Identity | None:
         return None
     presented = token_sha256(session_id)
     now = utcnow()
-    with registry._session() as session:
-        found = session.execute(
-            select(WebSession.session_sha256, WebSession.expires_at, ApiToken)
+    with registry._read_connection() as connection:  # on every page: one round trip
+        found = connection.execute(
+            select(WebSession.session_sha256, WebSession.expires_at, ApiToken.user, ApiToken.role,
+                   ApiToken.namespaces, ApiToken.revoked_at, ApiToken.expires_at.label("token_expires_at"))
             .join(ApiToken, ApiToken.id == WebSession.token_id)
             .where(WebSession.session_sha256 == presented)
         ).first()
     if found is None or not hmac.compare_digest(found.session_sha256, presented) or found.expires_at <= now:
         return None
-    token = found.ApiToken
-    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
+    if found.revoked_at is not None or (found.token_expires_at is not None and found.token_expires_at <= now):
         return None
-    return Identity(user=token.user, role=token.role, namespaces=list(token.namespaces))
+    return Identity(user=found.user, role=found.role, namespaces=list(found.namespaces))
 
 
 def end_session(registry, session_id: str | None) -> None:
