@@ -674,3 +674,20 @@ def test_multipart_and_conditional_writes_never_overwrite(monkeypatch, tmp_path,
     store.delete(small_digest)
     store.delete(small_digest)  # idempotent
     assert not store.exists(small_digest) and store.exists(digest)
+
+
+def test_a_local_blob_larger_than_the_writeback_step_is_stored_whole(tmp_path: Path) -> None:
+    """The local writer sends data to disk as it goes (every WRITEBACK_EVERY bytes): a blob
+    written in uneven chunks across several such steps is stored byte for byte, under the
+    sha256 of its bytes, computed here by hashlib."""
+    from registry.store.local import LocalBlobStore, LocalBlobWriter
+
+    data = os.urandom(2 * LocalBlobWriter.WRITEBACK_EVERY + 12_345)
+    store = LocalBlobStore(tmp_path / "blobs")
+    with store.writer() as writer:
+        for start in range(0, len(data), 3_000_001):
+            writer.write(memoryview(data)[start:start + 3_000_001])
+        digest = writer.commit()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert store.local_path(digest).read_bytes() == data
+    assert list(store.temporary_files()) == []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from registry import faults
 from registry.errors import BlobStoreError
@@ -21,12 +23,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing the range out, do not wait
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    """Linux's sync_file_range(2) through ctypes, or None elsewhere (the standard library has
+    no binding). ctypes releases the GIL around the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # here: commands that write no blob do not pay for it
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a written range to disk, without waiting for it. Only
+    a hint: durability still comes from the fsync at commit, so a failure is ignored."""
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 class LocalBlobWriter(BlobWriter):
+    # Written data is sent to the disk as it goes, every WRITEBACK_EVERY bytes, without
+    # waiting: a composition writes from a background thread, so the disk works while the
+    # next layers are computed, and the fsync before the rename has little left to do (it
+    # was a third of an 8-input `exact` compose of 7B-sized LoRAs).
+    WRITEBACK_EVERY = 16 * 1024 * 1024
+
     def __init__(self, store: "LocalBlobStore"):
         self._store = store
         store.tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="incoming-")
         super().__init__(Path(name), os.fdopen(fd, "wb"))
+        self._sent = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        super().write(data)
+        written = self.sink.bytes_written
+        if written - self._sent >= self.WRITEBACK_EVERY:
+            self._file.flush()
+            start_writeback(self._file.fileno(), self._sent, written - self._sent)
+            self._sent = written
 
     def commit(self) -> str:
         digest = self.sink.hexdigest()
