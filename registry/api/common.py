@@ -9,8 +9,8 @@ import json
 import os
 import re
 import stat
-from pathlib import Path
 from contextvars import ContextVar
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sqlalchemy import exists, func, select, text, update
@@ -65,6 +65,7 @@ def answered(value: Any) -> Any:
     if receipt is not None:
         receipt.answer = value
     return value
+
 
 if TYPE_CHECKING:
     from registry.safetensors_io import SafetensorsHeader

@@ -32,7 +32,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from registry import __version__, faults
 from registry.api.common import WRITE_RECEIPT, WriteReceipt
-from registry.store.checked import check_blob
 from registry.config import (
     DEFAULT_SERVER_MAX_BODY,
     DEFAULT_SERVER_MAX_UPLOAD,
@@ -59,6 +58,7 @@ from registry.server import API_VERSION
 from registry.server.errors import status_for
 from registry.server.permissions import Right, require
 from registry.server.tokens import Identity, authenticate
+from registry.store.checked import check_blob
 
 log = logging.getLogger("pem.server")
 access_log = logging.getLogger("pem.server.access")
