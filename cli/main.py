@@ -12,7 +12,7 @@ import functools
 import json
 import re
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 
 import click
 
@@ -93,7 +93,6 @@ class PemGroup(click.Group):
             return super().parse_args(ctx, args)
         except click.UsageError as exc:  # a bad option of the group itself (`pem --json list`)
             self._usage_error(ctx, exc)
-            raise AssertionError("unreachable")
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -104,7 +103,7 @@ class PemGroup(click.Group):
             self._usage_error(ctx, exc)
 
     @staticmethod
-    def _usage_error(ctx: click.Context, exc: click.UsageError) -> None:
+    def _usage_error(ctx: click.Context, exc: click.UsageError) -> NoReturn:
         """As JSON when the command was given --json, or when a group refused the command line
         and --json was in it; else click prints the usage and the error (a command without
         --json, given it, stays a plain usage error)."""
@@ -115,7 +114,7 @@ class PemGroup(click.Group):
         raise exc
 
 
-def _fail(ctx: click.Context, type_name: str, message: str, exit_code: int) -> None:
+def _fail(ctx: click.Context, type_name: str, message: str, exit_code: int) -> NoReturn:
     if ctx.meta.get(JSON_ERRORS):
         click.echo(json.dumps(error_document(type_name, message)))
     else:

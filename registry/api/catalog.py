@@ -94,6 +94,16 @@ lineage_queries = lazy_module("registry.lineage")
 migrate = lazy_module("registry.db.migrate")
 
 
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """A driver's operational or data error (connection lost, bad value) as a one-line
+    DatabaseError."""
+    try:
+        yield
+    except (OperationalError, DataError) as exc:
+        raise DatabaseError(f"database error: {first_line(exc)}") from None
+
+
 class Catalog:
     """Part of :class:`registry.Registry`: opening, registering, finding, exporting, removing."""
     """A catalog (SQL database) plus a blob store. Open with :meth:`open` or :meth:`init`."""
@@ -168,11 +178,8 @@ class Catalog:
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
-        try:
-            with self._sessions() as session:
-                yield session
-        except (OperationalError, DataError) as exc:
-            raise DatabaseError(f"database error: {str(exc.orig).strip().splitlines()[0]}") from None
+        with database_errors(), self._sessions() as session:
+            yield session
 
     @contextmanager
     def _read_connection(self) -> Iterator[Connection]:
@@ -180,11 +187,8 @@ class Catalog:
         autocommit, so the read is one round trip (no BEGIN, no ROLLBACK). A registry server
         looks up the token or the session of every request with it."""
         options = {"isolation_level": "AUTOCOMMIT"} if self.engine.dialect.name == "postgresql" else {}
-        try:
-            with self.engine.connect().execution_options(**options) as connection:
-                yield connection
-        except (OperationalError, DataError) as exc:
-            raise DatabaseError(f"database error: {str(exc.orig).strip().splitlines()[0]}") from None
+        with database_errors(), self.engine.connect().execution_options(**options) as connection:
+            yield connection
 
     @contextmanager
     def _write_session(self) -> Iterator[Session]:
